@@ -1,0 +1,81 @@
+"""Shared fixtures: a private nnU-Net folder tree and a small synthetic dataset planned and preprocessed with the
+real ``nnUNetv2_plan_and_preprocess`` command (once per test session)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SYNTHETIC_ID = 900
+SYNTHETIC_NAME = f"Dataset{SYNTHETIC_ID:03d}_Synthetic"
+
+
+def nnunet_environment(root: Path) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "nnUNet_raw"),
+        "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
+        "nnUNet_results": str(root / "nnUNet_results"),
+        "nnUNet_extTrainer": str(REPO / "trainers"),
+        # single-process data loading keeps the CPU tests deterministic in cost and friendly to 2-core machines
+        "nnUNet_n_proc_DA": "0",
+        "nnUNet_compile": "0",
+        "OMP_NUM_THREADS": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[k]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def run_cli(args: list, env: dict, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the installed console scripts (nnUNetv2_*, nnunet-foundation) and return the completed process."""
+    exe = BIN / args[0]
+    cmd = [str(exe) if exe.exists() else args[0], *[str(a) for a in args[1:]]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n"
+                             f"{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def plan_and_preprocess(env: dict, dataset_id: int, configurations=("3d_fullres", "2d")) -> None:
+    # nnUNet_n_proc_DA=0 breaks planning (set_num_threads needs a positive integer), so drop it here.
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", *configurations, "-np", 1,
+             "--verify_dataset_integrity"], plan_env)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """A planned and preprocessed synthetic dataset (3d_fullres and 2d) with unlabeled scans in imagesUnlabeled.
+
+    Tests must not modify it: copy it with ``copy_nnunet_tree`` first when they need to change files.
+    """
+    from nnunet_foundation.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("nnunet_synthetic")
+    env = nnunet_environment(root)
+    write_dataset(env["nnUNet_raw"], dataset_id=SYNTHETIC_ID, name="Synthetic", num_labeled=10, num_unlabeled=4,
+                  num_test=2, seed=0)
+    plan_and_preprocess(env, SYNTHETIC_ID)
+    return root
+
+
+def copy_nnunet_tree(source_root: Path, target_root: Path) -> dict:
+    """Copy a whole nnU-Net folder tree so a test can change it freely; returns the environment for the copy."""
+    shutil.copytree(source_root, target_root, dirs_exist_ok=True)
+    return nnunet_environment(target_root)
+
+
+@pytest.fixture
+def nnunet_tree(synthetic_dataset, tmp_path):
+    """A private, writable copy of the synthetic dataset tree and its environment."""
+    env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
+    return tmp_path / "tree", env
