@@ -26,6 +26,8 @@ def nnunet_environment(root: Path) -> dict:
         # single-process data loading keeps the CPU tests deterministic in cost and friendly to 2-core machines
         "nnUNet_n_proc_DA": "0",
         "nnUNet_compile": "0",
+        # nnU-Net spawns this many export/evaluation workers; each pays a full import on a 2-core machine
+        "nnUNet_def_n_proc": "1",
         "OMP_NUM_THREADS": "2",
         "PYTHONUNBUFFERED": "1",
     })
