@@ -1,0 +1,78 @@
+"""Network plumbing shared by the semi-supervised trainers: unwrapping, teachers, EMA."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain module behind DistributedDataParallel and/or torch.compile wrappers (in either order)."""
+    while True:
+        if isinstance(network, DistributedDataParallel):
+            network = network.module
+        elif isinstance(network, OptimizedModule):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A detached copy of the unwrapped student that never receives gradients.
+
+    SyncBatchNorm layers (added by nnU-Net for DDP) are turned back into ordinary BatchNorm so the teacher can run
+    outside the process group; nnU-Net's default networks use InstanceNorm and are unaffected.
+    """
+    teacher = copy.deepcopy(unwrap_network(student))
+    teacher = _revert_sync_batchnorm(teacher)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student for parameters; buffers (e.g. BN statistics) are copied."""
+    student = unwrap_network(student)
+    teacher = unwrap_network(teacher)
+    t_params = dict(teacher.named_parameters())
+    for name, s in student.named_parameters():
+        t_params[name].mul_(decay).add_(s.detach(), alpha=1 - decay)
+    t_buffers = dict(teacher.named_buffers())
+    for name, b in student.named_buffers():
+        t_buffers[name].copy_(b)
+
+
+def ema_decay_with_warmup(step: int, decay: float) -> float:
+    """Mean Teacher's warm-up (Tarvainen & Valpola; SSL4MIS): the teacher follows the student closely early on."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+def _revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.SyncBatchNorm):
+        dims = {2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}
+        # SyncBatchNorm does not remember its dimensionality; BatchNorm3d is right for nnU-Net's 3D networks and
+        # numerically identical for 2D ones (BatchNorm's math does not depend on the subclass)
+        new = dims[4](module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, _revert_sync_batchnorm(child))
+    return module
+
+
+def load_state_dict_flexible(module: nn.Module, state_dict: dict) -> None:
+    """Load into the unwrapped module, accepting keys saved from a DDP ('module.') or compiled ('_orig_mod.') model."""
+    module = unwrap_network(module)
+    own = module.state_dict().keys()
+    fixed = {}
+    for k, v in state_dict.items():
+        key = k
+        for prefix in ("module.", "_orig_mod."):
+            while key not in own and key.startswith(prefix):
+                key = key[len(prefix):]
+        fixed[key] = v
+    module.load_state_dict(fixed)

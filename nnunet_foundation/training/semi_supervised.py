@@ -1,0 +1,387 @@
+"""The shared semi-supervised trainer: everything a method needs except its loss.
+
+A method subclasses :class:`nnUNetTrainerSemiSupervised` and overrides a few hooks:
+
+* ``default_settings`` — its hyper-parameters (readable from the environment / a config file, see settings.py);
+* ``build_ssl_modules()`` — extra networks/optimisers (teacher, second network, ...);
+* ``compute_losses(labeled, unlabeled)`` — returns the total loss and the scalars to log;
+* ``after_optimizer_step()`` — e.g. the EMA update;
+* ``ssl_state_dict()`` / ``load_ssl_state_dict()`` — extra state for exact ``--c`` resumption;
+* ``inference_network()`` — the model written to ``network_weights`` for ``nnUNetv2_predict``.
+
+The base class owns the unlabeled data stream, the ramp-up schedule as a function of training progress t/T,
+the optimiser step(s) with nnU-Net's AMP/clipping, checkpointing, logging and settings bookkeeping.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from torch import autocast, nn
+from torch import distributed as dist
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_foundation.training.logging import SSLLocalLogger
+from nnunet_foundation.training.networks import load_state_dict_flexible, unwrap_network
+from nnunet_foundation.training.settings import record_or_check_settings, resolve_settings, SettingsError
+from nnunet_foundation.training.unlabeled_stream import (UnlabeledDataLoader, describe_transforms, split_batch_size,
+                                                         split_training_transforms)
+from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, collect_unlabeled_cases
+
+
+def rampup(progress: float, length: float = 1.0, shape: str = "exp") -> float:
+    """Weight ramp-up in [0, 1] as a function of training progress t/T.
+
+    ``exp``: exp(-5 (1 - min(t/(length T), 1))^2), the Laine & Aila / SSL4MIS sigmoid ramp-up expressed in training
+    progress rather than iterations (nnU-Net's 250k default iterations make papers' iteration counts meaningless).
+    """
+    if shape == "none" or length <= 0:
+        return 1.0
+    x = min(max(progress / length, 0.0), 1.0)
+    if shape == "exp":
+        return float(math.exp(-5.0 * (1.0 - x) ** 2))
+    if shape == "linear":
+        return x
+    raise SettingsError(f"unknown ramp-up shape '{shape}' (use exp, linear or none)")
+
+
+class nnUNetTrainerSemiSupervised(nnUNetTrainer):
+    """Base class of this package's semi-supervised trainers (not a method by itself)."""
+
+    #: settings shared by all methods; subclasses extend with ``{**base.default_settings, ...}``
+    default_settings: Dict = {
+        # global unlabeled batch size (split over GPUs like nnU-Net's batch); 0 = same as the labeled batch size
+        "unlabeled_batch_size": 0,
+        # maximum weight of the unsupervised term and the shape/length of its ramp-up over training progress
+        "unsup_weight": 0.1,
+        "rampup_shape": "exp",
+        "rampup_length": 1.0,
+    }
+    #: scalars each method logs per epoch (mean over iterations); they appear in progress.png's fourth panel
+    ssl_log_keys: Tuple[str, ...] = ("unsup_loss", "unsup_weight")
+    #: True: the unlabeled batch carries a weak view ('data') and a strong view ('data_strong') of each crop
+    needs_strong_view: bool = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.resuming = bool(plans.get("continue_training", False))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        mro_names = [c.__name__ for c in type(self).__mro__]
+        self.ssl_settings = resolve_settings(self.default_settings, mro_names)
+        self.logger.local_logger = SSLLocalLogger(self.ssl_log_keys)
+        self.ssl_iteration = 0  # optimiser steps taken so far, across epochs and resumptions
+        self.dataloader_unlabeled = None
+        self.unlabeled_batch_size = None
+        self.num_unlabeled_cases = None
+        self._ssl_state_restored = False
+        self._grad_clip_norm = 12  # nnU-Net's value
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def build_ssl_modules(self) -> None:
+        """Create extra networks/optimisers. Called at the end of ``initialize()``."""
+
+    def sync_ssl_modules_with_network(self) -> None:
+        """Called at train start when no checkpoint was restored, after ``-pretrained_weights`` were loaded into the
+        network (nnU-Net loads them after ``initialize()``), e.g. to copy the student into the teacher."""
+
+    def compute_losses(self, labeled: dict, unlabeled: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Return (total loss, scalars to log). ``labeled``: {'data', 'target'} on the device; ``unlabeled``:
+        {'data', optional 'data_strong'} on the device. Runs under autocast on CUDA."""
+        raise NotImplementedError(f"{type(self).__name__} is the semi-supervised base class; train one of its "
+                                  f"methods instead, e.g. nnUNetTrainerMeanTeacher or nnUNetTrainerCPS.")
+
+    def after_optimizer_step(self) -> None:
+        """E.g. the EMA teacher update. ``self.ssl_iteration`` is the index of the step just taken."""
+
+    def ssl_state_dict(self) -> dict:
+        return {}
+
+    def load_ssl_state_dict(self, state: dict) -> None:
+        pass
+
+    def inference_network(self) -> nn.Module:
+        """The network whose weights go into ``network_weights`` (what ``nnUNetv2_predict`` loads) and that
+        nnU-Net's validation uses. Default: the trained network itself."""
+        return self.network
+
+    def extra_optimizers(self) -> List[Tuple[torch.optim.Optimizer, nn.Module]]:
+        """(optimiser, network) pairs stepped together with nnU-Net's own optimiser (e.g. CPS's second network)."""
+        return []
+
+    # ----------------------------------------------------------------------------------------- schedule
+    @property
+    def total_iterations(self) -> int:
+        return self.num_epochs * self.num_iterations_per_epoch
+
+    @property
+    def progress(self) -> float:
+        """Training progress t/T in [0, 1]."""
+        return min(self.ssl_iteration / max(self.total_iterations, 1), 1.0)
+
+    def unsup_weight(self) -> float:
+        s = self.ssl_settings
+        return s["unsup_weight"] * rampup(self.progress, s["rampup_length"], s["rampup_shape"])
+
+    def deep_supervision_weights(self) -> Tuple[float, ...]:
+        """nnU-Net's per-scale loss weights (highest resolution first), reused for the unsupervised terms."""
+        return tuple(self.loss.weight_factors) if self.enable_deep_supervision else (1.0,)
+
+    def as_list(self, output) -> List[torch.Tensor]:
+        return list(output) if isinstance(output, (list, tuple)) else [output]
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def initialize(self):
+        if self.label_manager.has_regions:
+            raise NotImplementedError(
+                f"{type(self).__name__}: region-based training (dataset.json 'regions_class_order') uses sigmoid "
+                f"outputs; the semi-supervised losses here are defined for softmax outputs. Train with labels "
+                f"instead of regions.")
+        if self.is_cascaded:
+            raise NotImplementedError(f"{type(self).__name__}: cascade stages need previous-stage predictions for "
+                                      f"the unlabeled scans, which nnU-Net does not produce. Use 3d_fullres or 2d.")
+        super().initialize()
+        self.build_ssl_modules()
+        self.logger.update_config({"ssl_settings": self.ssl_settings})
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        global_unlabeled = self.ssl_settings["unlabeled_batch_size"] or self.configuration_manager.batch_size
+        world, rank = (dist.get_world_size(), dist.get_rank()) if self.is_ddp else (1, 0)
+        self.unlabeled_batch_size = split_batch_size(global_unlabeled, world, rank)
+
+    def _fold_split_entry(self) -> dict:
+        splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        if self.fold == "all" or not isfile(splits_file):
+            return {}
+        splits = load_json(splits_file)
+        return splits[self.fold] if self.fold < len(splits) else {}
+
+    def get_unlabeled_dataset(self, labeled_keys: List[str]) -> UnlabeledImageDataset:
+        split_unlabeled = self._fold_split_entry().get("unlabeled", [])
+        cases = collect_unlabeled_cases(self.preprocessed_dataset_folder_base, self.preprocessed_dataset_folder,
+                                        self.configuration_manager.data_identifier, self.plans_manager.plans,
+                                        self.configuration_name, split_unlabeled, labeled_keys)
+        if not cases:
+            raise UnlabeledDataError(
+                f"{type(self).__name__} needs unlabeled data but none was found for "
+                f"{self.plans_manager.dataset_name}, configuration {self.configuration_name}, fold {self.fold}. "
+                f"Either put scans into nnUNet_raw/{self.plans_manager.dataset_name}/imagesUnlabeled and run "
+                f"'nnunet-foundation preprocess-unlabeled -d {self.plans_manager.dataset_name} -c "
+                f"{self.configuration_name}', or write a label-scarcity split with an 'unlabeled' list "
+                f"('nnunet-foundation make-splits').")
+        return UnlabeledImageDataset(cases)
+
+    def get_dataloaders(self):
+        # unlabeled data first: a missing unlabeled set should fail before any worker starts
+        tr_keys, val_keys = self.do_split()
+        dataset_u = self.get_unlabeled_dataset(list(tr_keys) + list(val_keys))
+        self.num_unlabeled_cases = len(dataset_u)
+        dl_train, dl_val = super().get_dataloaders()
+
+        patch_size = self.configuration_manager.patch_size
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        full = self.get_training_transforms(
+            patch_size, rotation, None, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels, regions=None,
+            ignore_label=self.label_manager.ignore_label)
+        image_only, weak, photometric = split_training_transforms(full)
+        transforms, strong = (weak, photometric) if self.needs_strong_view else (image_only, None)
+        self.print_to_log_file(
+            f"Unlabeled stream: {len(dataset_u)} case(s), batch size {self.unlabeled_batch_size} per process, "
+            f"uniform random crops, transforms {describe_transforms(transforms)}"
+            + (f", strong view adds {describe_transforms(strong)}" if strong is not None else ""))
+        dl_u = UnlabeledDataLoader(dataset_u, self.unlabeled_batch_size, initial_patch_size, patch_size,
+                                   self.label_manager, transforms=transforms, strong_transforms=strong)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            self.dataloader_unlabeled = SingleThreadedAugmenter(dl_u, None)
+        else:
+            # as many workers as the labeled stream, so the unlabeled stream never starves the GPU
+            self.dataloader_unlabeled = NonDetMultiThreadedAugmenter(
+                data_loader=dl_u, transform=None, num_processes=n_proc, num_cached=max(6, n_proc // 2),
+                seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002)
+        _ = next(self.dataloader_unlabeled)
+        return dl_train, dl_val
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if not self._ssl_state_restored:
+            self.sync_ssl_modules_with_network()
+        if self.local_rank == 0:
+            record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__,
+                                     resuming=self.resuming)
+            self.print_to_log_file("Semi-supervised settings: " + json.dumps(self.ssl_settings, sort_keys=True))
+        super().on_train_start()
+
+    def on_train_end(self):
+        super().on_train_end()
+        finish = getattr(self.dataloader_unlabeled, "_finish", None)
+        if finish is not None:
+            finish()
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        for opt, _ in self.extra_optimizers():
+            # same poly schedule as nnU-Net's optimiser
+            for group in opt.param_groups:
+                group["lr"] = self.optimizer.param_groups[0]["lr"] * group.get("lr_scale", 1.0)
+
+    # --------------------------------------------------------------------------------------------- step
+    def _to_device(self, x):
+        if isinstance(x, (list, tuple)):
+            return [i.to(self.device, non_blocking=True) for i in x]
+        return x.to(self.device, non_blocking=True)
+
+    def train_step(self, batch: dict) -> dict:
+        unlabeled_batch = next(self.dataloader_unlabeled)
+        labeled = {"data": self._to_device(batch["data"]), "target": self._to_device(batch["target"])}
+        unlabeled = {k: self._to_device(v) for k, v in unlabeled_batch.items() if k.startswith("data")}
+
+        pairs = [(self.optimizer, self.network)] + self.extra_optimizers()
+        for opt, _ in pairs:
+            opt.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss, logs = self.compute_losses(labeled, unlabeled)
+
+        # one GradScaler for all optimisers is PyTorch's documented multi-optimiser AMP recipe
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            for opt, net in pairs:
+                self.grad_scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self._grad_clip_norm)
+            for opt, _ in pairs:
+                self.grad_scaler.step(opt)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            for opt, net in pairs:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self._grad_clip_norm)
+                opt.step()
+        self.after_optimizer_step()
+        self.ssl_iteration += 1
+        out = {"loss": loss.detach().cpu().numpy()}
+        out.update({k: float(v) for k, v in logs.items()})
+        return out
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        for key in self.ssl_log_keys:
+            values = [o[key] for o in train_outputs if key in o]
+            value = float(np.mean(values)) if values else math.nan
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, value)
+                value = float(np.nanmean(gathered))
+            self.logger.log(key, value, self.current_epoch)
+        summary = ", ".join(f"{k} {self.logger.get_value(k, step=-1):.4g}" for k in self.ssl_log_keys)
+        self.print_to_log_file(f"semi-supervised: {summary} (t/T {self.progress:.3f})")
+
+    # ------------------------------------------------------------------------------ inference network
+    @contextlib.contextmanager
+    def _inference_network_in_place(self):
+        """Temporarily make ``self.network`` the inference network so nnU-Net's validation code evaluates it."""
+        target = self.inference_network()
+        if target is self.network:
+            yield
+            return
+        student = self.network
+        self.network = target
+        try:
+            yield
+        finally:
+            self.network = student
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        # works for DDP/compiled students and for unwrapped teachers alike
+        unwrap_network(self.network).decoder.deep_supervision = enabled
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._inference_network_in_place():
+            self.network.eval()
+            return super().validation_step(batch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        with self._inference_network_in_place():
+            super().perform_actual_validation(save_probabilities)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        student = unwrap_network(self.network)
+        inference = unwrap_network(self.inference_network())
+        ssl_state = {
+            "trainer": type(self).__name__,
+            "iteration": self.ssl_iteration,
+            "settings": self.ssl_settings,
+            # network_weights holds the inference model; the trained network is kept here when it differs
+            "student_weights": student.state_dict() if inference is not student else None,
+            "extra_optimizer_states": [opt.state_dict() for opt, _ in self.extra_optimizers()],
+            **self.ssl_state_dict(),
+        }
+        checkpoint = {
+            "network_weights": inference.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "ssl_state": ssl_state,
+        }
+        torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if isinstance(filename_or_checkpoint, str):
+            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+            source = filename_or_checkpoint
+        else:
+            checkpoint, source = filename_or_checkpoint, "<checkpoint dict>"
+        ssl_state = checkpoint.get("ssl_state")
+        if ssl_state is None:
+            raise RuntimeError(
+                f"{source} was not written by a semi-supervised trainer of nnunet-foundation (no 'ssl_state'), so "
+                f"{type(self).__name__} cannot resume from it. To start from its weights use "
+                f"'nnUNetv2_train ... -pretrained_weights {source}' instead of --c.")
+        if ssl_state.get("settings") != self.ssl_settings:
+            old, new = ssl_state.get("settings", {}), self.ssl_settings
+            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+            raise SettingsError(f"Refusing to resume from {source}: semi-supervised settings changed "
+                                f"(recorded, now): {diff}. Restore them or start a new run without --c.")
+        weights = ssl_state["student_weights"] if ssl_state.get("student_weights") is not None \
+            else checkpoint["network_weights"]
+        load_state_dict_flexible(self.network, weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        for (opt, _), state in zip(self.extra_optimizers(), ssl_state.get("extra_optimizer_states", [])):
+            opt.load_state_dict(state)
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.ssl_iteration = int(ssl_state["iteration"])
+        self.load_ssl_state_dict(ssl_state)
+        self._ssl_state_restored = True

@@ -1,0 +1,102 @@
+"""The unlabeled data stream: random crops of unlabeled cases through nnU-Net's own augmentation pipeline.
+
+nnU-Net's training transforms are reused (so a subclass that changes augmentation changes both streams), with the
+transforms that need a label map removed. Methods that want two views get a *weak* view (the geometric transforms:
+spatial + mirroring) and a *strong* view (the weak view plus nnU-Net's photometric transforms) of the same crop.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
+from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
+from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
+from batchgeneratorsv2.transforms.nnunet.random_binary_operator import ApplyRandomBinaryOperatorTransform
+from batchgeneratorsv2.transforms.nnunet.remove_connected_components import \
+    RemoveRandomConnectedComponentFromOneHotEncodingTransform
+from batchgeneratorsv2.transforms.nnunet.seg_to_onehot import MoveSegAsOneHotToDataTransform
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from threadpoolctl import threadpool_limits
+
+# transforms that read or write the label map: meaningless without one
+_LABEL_TRANSFORMS = (RemoveLabelTansform, DownsampleSegForDSTransform, MaskImageTransform,
+                     ConvertSegmentationToRegionsTransform, MoveSegAsOneHotToDataTransform,
+                     ApplyRandomBinaryOperatorTransform, RemoveRandomConnectedComponentFromOneHotEncodingTransform)
+_GEOMETRIC_TRANSFORMS = (SpatialTransform, MirrorTransform, Convert3DTo2DTransform, Convert2DTo3DTransform)
+
+
+def _inner(t):
+    return t.transform if isinstance(t, RandomTransform) else t
+
+
+def split_training_transforms(transforms: ComposeTransforms) -> Tuple[ComposeTransforms, ComposeTransforms,
+                                                                       ComposeTransforms]:
+    """nnU-Net's training pipeline -> (all image transforms, weak = geometric only, strong-only = photometric)."""
+    image_only = [t for t in transforms.transforms if not isinstance(_inner(t), _LABEL_TRANSFORMS)]
+    weak = [t for t in image_only if isinstance(_inner(t), _GEOMETRIC_TRANSFORMS)]
+    photometric = [t for t in image_only if not isinstance(_inner(t), _GEOMETRIC_TRANSFORMS)]
+    return ComposeTransforms(image_only), ComposeTransforms(weak), ComposeTransforms(photometric)
+
+
+class UnlabeledDataLoader(nnUNetDataLoader):
+    """Batches of unlabeled patches: ``{'data': (B, C, *patch), 'data_strong': optional, 'keys': [...]}``.
+
+    Crops are uniform at random over the (padded) image: unlabeled cases have no class locations, and for benchmark
+    cases whose labels exist on disk the stored locations must not steer sampling.
+    """
+
+    def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
+                 transforms: ComposeTransforms, strong_transforms: Optional[ComposeTransforms] = None):
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
+                         oversample_foreground_percent=0.0, transforms=transforms)
+        self.has_ignore = False  # with an ignore label nnU-Net would crop around annotated voxels: not here
+        self.strong_transforms = strong_transforms
+
+    def generate_train_batch(self):
+        keys = self.get_indices()
+        data_all = strong_all = None
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for j, key in enumerate(keys):
+                data, _, _, _ = self._data.load_case(key)
+                bbox_lbs, bbox_ubs = self.get_bbox(data.shape[1:], force_fg=False, class_locations=None)
+                bbox = [[lo, hi] for lo, hi in zip(bbox_lbs, bbox_ubs)]
+                patch = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+                if self.patch_size_was_2d:
+                    patch = patch[:, 0]
+                if self.transforms is not None:
+                    patch = self.transforms(image=patch)["image"]
+                if data_all is None:
+                    data_all = torch.empty((self.batch_size, *patch.shape), dtype=torch.float32)
+                data_all[j] = patch
+                if self.strong_transforms is not None:
+                    strong = self.strong_transforms(image=patch.clone())["image"]
+                    if strong_all is None:
+                        strong_all = torch.empty_like(data_all)
+                    strong_all[j] = strong
+        batch = {"data": data_all, "keys": keys}
+        if strong_all is not None:
+            batch["data_strong"] = strong_all
+        return batch
+
+
+def split_batch_size(global_batch_size: int, world_size: int, rank: int) -> int:
+    """nnU-Net's DDP batch split: the global batch is spread over ranks, the first ranks take the remainder."""
+    if global_batch_size < world_size:
+        raise ValueError(f"unlabeled batch size {global_batch_size} is smaller than the number of GPUs "
+                         f"({world_size}); raise nnUNet_ssl_unlabeled_batch_size.")
+    return global_batch_size // world_size + (1 if rank < global_batch_size % world_size else 0)
+
+
+def describe_transforms(transforms: ComposeTransforms) -> List[str]:
+    return [type(_inner(t)).__name__ for t in transforms.transforms]
+
+
+__all__ = ["UnlabeledDataLoader", "split_training_transforms", "split_batch_size", "describe_transforms"]
