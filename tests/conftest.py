@@ -81,3 +81,36 @@ def nnunet_tree(synthetic_dataset, tmp_path):
     """A private, writable copy of the synthetic dataset tree and its environment."""
     env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
     return tmp_path / "tree", env
+
+
+@pytest.fixture
+def trainer_factory(nnunet_tree, monkeypatch):
+    """Build trainers in-process (CPU) on the private dataset copy: factory(name, configuration='3d_fullres', fold=0,
+    continue_training=False)."""
+    root, env = nnunet_tree
+    for k, v in env.items():
+        if k.startswith("nnUNet_") or k == "OMP_NUM_THREADS":
+            monkeypatch.setenv(k, v)
+
+    def make(name: str, configuration: str = "3d_fullres", fold=0, continue_training: bool = False):
+        import torch
+        from nnunetv2.run.run_training import get_trainer_from_args
+
+        return get_trainer_from_args(str(SYNTHETIC_ID), configuration, fold, name,
+                                     continue_training=continue_training, device=torch.device("cpu"))
+
+    make.root, make.env = root, env
+    return make
+
+
+def preprocess_unlabeled_cli(env: dict, configurations=("3d_fullres",)) -> None:
+    run_cli(["nnunet-foundation", "preprocess-unlabeled", "-d", SYNTHETIC_ID, "-c", *configurations], env)
+
+
+def write_split(env: dict, folds: list) -> Path:
+    """Write splits_final.json for the synthetic dataset; folds = [{'train': [...], 'val': [...], 'unlabeled': [...]}]"""
+    import json
+
+    path = Path(env["nnUNet_preprocessed"]) / SYNTHETIC_NAME / "splits_final.json"
+    path.write_text(json.dumps(folds, indent=2))
+    return path

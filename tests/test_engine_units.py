@@ -1,0 +1,222 @@
+"""Unit tests of the semi-supervised engine: schedules, EMA, settings, gradients, checkpoint state, wrappers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import preprocess_unlabeled_cli
+from nnunet_foundation.training.networks import (ema_decay_with_warmup, ema_update, load_state_dict_flexible,
+                                                 make_teacher, unwrap_network)
+from nnunet_foundation.training.semi_supervised import rampup
+from nnunet_foundation.training.settings import SettingsError, record_or_check_settings, resolve_settings
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def test_rampup_values():
+    assert rampup(0.0) == pytest.approx(math.exp(-5))
+    assert rampup(0.5) == pytest.approx(math.exp(-1.25))
+    assert rampup(1.0) == pytest.approx(1.0)
+    assert rampup(2.0) == pytest.approx(1.0)  # clamped
+    assert rampup(0.25, length=0.5) == pytest.approx(math.exp(-1.25))
+    assert rampup(0.3, shape="linear") == pytest.approx(0.3)
+    assert rampup(0.0, shape="none") == 1.0
+    with pytest.raises(SettingsError):
+        rampup(0.5, shape="cosine")
+
+
+def test_ema_decay_warmup_and_formula():
+    assert ema_decay_with_warmup(0, 0.99) == 0.0  # first update copies the student
+    assert ema_decay_with_warmup(9, 0.99) == pytest.approx(0.9)
+    assert ema_decay_with_warmup(10_000, 0.99) == 0.99
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+        student[1].running_mean.add_(1.0)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, 0.9)
+    for name, p in student.named_parameters():
+        expected = 0.9 * before[name] + 0.1 * p.detach()
+        assert torch.allclose(dict(teacher.named_parameters())[name], expected)
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)  # buffers are copied
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- settings
+def test_settings_layers_and_errors(tmp_path):
+    defaults = {"unlabeled_batch_size": 0, "unsup_weight": 0.1, "flag": True, "mode": "exp"}
+    names = ["nnUNetTrainerX_smoke", "nnUNetTrainerX", "nnUNetTrainer"]
+    cfg = tmp_path / "ssl.json"
+    cfg.write_text(json.dumps({"unsup_weight": 0.5, "nnUNetTrainerX": {"mode": "linear"},
+                               "nnUNetTrainerOther": {"mode": "none"}}))
+    env = {"nnUNet_ssl_config": str(cfg), "nnUNet_ssl_unlabeled_batch_size": "4", "nnUNet_ssl_flag": "false"}
+    s = resolve_settings(defaults, names, env)
+    assert s == {"unlabeled_batch_size": 4, "unsup_weight": 0.5, "flag": False, "mode": "linear"}
+    with pytest.raises(SettingsError, match="unknown setting 'ema'"):
+        resolve_settings(defaults, names, {"nnUNet_ssl_ema": "0.9"})
+    with pytest.raises(SettingsError, match="unsup_weight"):
+        resolve_settings(defaults, names, {"nnUNet_ssl_unsup_weight": "high"})
+    cfg.write_text(json.dumps({"unsup_wieght": 1}))
+    with pytest.raises(SettingsError, match="unknown setting 'unsup_wieght'"):
+        resolve_settings(defaults, names, {"nnUNet_ssl_config": str(cfg)})
+    with pytest.raises(SettingsError, match="file not found"):
+        resolve_settings(defaults, names, {"nnUNet_ssl_config": str(tmp_path / "missing.json")})
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    record_or_check_settings(str(tmp_path), {"a": 1}, "T", resuming=False)
+    record_or_check_settings(str(tmp_path), {"a": 1}, "T", resuming=True)  # same: fine
+    with pytest.raises(SettingsError, match="recorded 1, now 2"):
+        record_or_check_settings(str(tmp_path), {"a": 2}, "T", resuming=True)
+    assert json.loads((tmp_path / "ssl_settings.json").read_text())["settings"] == {"a": 1}  # record untouched
+
+
+# ------------------------------------------------------------------------------------ wrappers: DDP, compile
+@pytest.fixture
+def gloo_group():
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_teacher_and_checkpoint_keys_through_ddp_and_compile(gloo_group):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.InstanceNorm2d(4, affine=True))
+    for wrapped in (DDP(net), torch.compile(net), DDP(torch.compile(net))):
+        assert unwrap_network(wrapped) is net
+        teacher = make_teacher(wrapped)
+        assert set(teacher.state_dict()) == set(net.state_dict())  # no 'module.' / '_orig_mod.' prefixes
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        ema_update(teacher, wrapped, 0.5)
+        assert not torch.equal(teacher[0].weight, net[0].weight)
+        # a state dict saved from a wrapper loads into the plain network and vice versa
+        load_state_dict_flexible(wrapped, wrapped.state_dict())
+        load_state_dict_flexible(net, {"module." + k: v for k, v in net.state_dict().items()})
+
+
+# ------------------------------------------------------------------------------------- trainer internals
+@pytest.fixture
+def started_trainer(trainer_factory):
+    """A Mean Teacher trainer (smoke budget) with its data streams running."""
+    preprocess_unlabeled_cli(trainer_factory.env)
+    trainer = trainer_factory("nnUNetTrainerMeanTeacher_smoke")
+    trainer.on_train_start()
+    yield trainer
+    trainer.dataloader_unlabeled = None
+
+
+def _grads(net):
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+
+
+def test_mean_teacher_step_unsup_term_reaches_student_and_teacher_gets_none(started_trainer):
+    t = started_trainer
+    batch = next(t.dataloader_train)
+    labeled = {"data": batch["data"], "target": batch["target"]}
+    unlabeled = {"data": next(t.dataloader_unlabeled)["data"]}
+
+    def grads_with_weight(w):
+        t.unsup_weight = lambda: w
+        t.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # same teacher noise
+        loss, logs = t.compute_losses(labeled, unlabeled)
+        loss.backward()
+        return _grads(t.network), logs
+
+    g0, logs0 = grads_with_weight(0.0)
+    g1, logs1 = grads_with_weight(100.0)
+    assert logs1["unsup_loss"] > 0
+    assert any(not torch.allclose(a, b) for a, b in zip(g0, g1)), "consistency term does not reach the student"
+    assert all(p.grad is None for p in t.teacher.parameters())
+    assert all(not p.requires_grad for p in t.teacher.parameters())
+
+
+def test_train_step_updates_teacher_by_ema_only(started_trainer):
+    t = started_trainer
+    # SSL4MIS warm-up: decay = min(1 - 1/(t+1), 0.99); at t = 50 the warm-up still rules (0.9804 < 0.99)
+    t.ssl_iteration = 50
+    decay = min(1 - 1 / 51, 0.99)
+    assert decay < 0.99
+    teacher_before = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+    out = t.train_step(next(t.dataloader_train))
+    assert t.ssl_iteration == 51
+    assert {"loss", "unsup_loss", "unsup_weight", "teacher_confidence"} <= set(out)
+    student = dict(unwrap_network(t.network).named_parameters())
+    changed = 0
+    for name, p in t.teacher.named_parameters():
+        expected = decay * teacher_before[name] + (1 - decay) * student[name].detach()
+        assert torch.allclose(p, expected, atol=1e-5), name
+        changed += not torch.equal(p, teacher_before[name])
+    assert changed > 0
+
+
+def test_cps_cross_term_reaches_both_networks(trainer_factory):
+    preprocess_unlabeled_cli(trainer_factory.env, ("2d",))
+    t = trainer_factory("nnUNetTrainerCPS_smoke", configuration="2d")
+    t.on_train_start()
+    batch = next(t.dataloader_train)
+    labeled = {"data": batch["data"], "target": batch["target"]}
+    unlabeled = {"data": next(t.dataloader_unlabeled)["data"]}
+
+    def grads_with_weight(w):
+        t.unsup_weight = lambda: w
+        for opt in (t.optimizer, t.optimizer_b):
+            opt.zero_grad(set_to_none=True)
+        loss, logs = t.compute_losses(labeled, unlabeled)
+        loss.backward()
+        return _grads(t.network), _grads(t.network_b), logs
+
+    a0, b0, _ = grads_with_weight(0.0)
+    a1, b1, logs = grads_with_weight(10.0)
+    assert logs["unsup_loss"] > 0 and 0.0 <= float(logs["agreement"]) <= 1.0
+    assert any(not torch.allclose(x, y) for x, y in zip(a0, a1))
+    assert any(not torch.allclose(x, y) for x, y in zip(b0, b1))
+    # the two networks start from different weights
+    wa = unwrap_network(t.network).state_dict()
+    wb = unwrap_network(t.network_b).state_dict()
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if wa[k].is_floating_point())
+
+
+def test_checkpoint_round_trip_restores_everything(started_trainer, trainer_factory, tmp_path):
+    t = started_trainer
+    for _ in range(2):
+        t.train_step(next(t.dataloader_train))
+    path = str(tmp_path / "ckpt.pth")
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    # network_weights holds the inference model (the EMA teacher), the student is kept for --c
+    for k, v in t.teacher.state_dict().items():
+        assert torch.equal(ckpt["network_weights"][k], v)
+    assert ckpt["ssl_state"]["iteration"] == 2
+
+    fresh = trainer_factory("nnUNetTrainerMeanTeacher_smoke", continue_training=True)
+    fresh.load_checkpoint(path)
+    for k, v in unwrap_network(t.network).state_dict().items():
+        assert torch.equal(unwrap_network(fresh.network).state_dict()[k], v)
+    for k, v in t.teacher.state_dict().items():
+        assert torch.equal(fresh.teacher.state_dict()[k], v)
+    assert fresh.ssl_iteration == 2
+    sa, sb = t.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+
+    # the same checkpoint refuses a run whose settings changed
+    os.environ["nnUNet_ssl_ema_decay"] = "0.5"
+    try:
+        changed = trainer_factory("nnUNetTrainerMeanTeacher_smoke", continue_training=True)
+        with pytest.raises(SettingsError, match="ema_decay"):
+            changed.load_checkpoint(path)
+    finally:
+        del os.environ["nnUNet_ssl_ema_decay"]
