@@ -2,6 +2,7 @@
 real ``nnUNetv2_plan_and_preprocess`` command (once per test session)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -114,3 +115,12 @@ def write_split(env: dict, folds: list) -> Path:
     path = Path(env["nnUNet_preprocessed"]) / SYNTHETIC_NAME / "splits_final.json"
     path.write_text(json.dumps(folds, indent=2))
     return path
+
+
+def tree_digest(folder: Path) -> dict:
+    """Relative path -> content hash of every file below folder (to prove that a command changed nothing)."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(folder))] = hashlib.sha1(p.read_bytes()).hexdigest()
+    return out

@@ -1,0 +1,56 @@
+"""The demo command end to end (smoke budget), its resume behaviour and its refusal to touch foreign folders."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+
+DEMO_ARGS = ["--budget", "smoke", "--labeled", "2", "--validation", "1", "--unlabeled", "3", "--test", "2",
+             "--device", "cpu"]
+
+
+def test_demo_compares_labeled_only_with_mean_teacher_and_resumes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "2"})
+    workdir = tmp_path / "demo"
+    proc = run_cli(["nnunet-foundation", "demo", "--workdir", workdir, *DEMO_ARGS], env)
+
+    report = json.loads((workdir / "demo_results.json").read_text())
+    trainers = ["nnUNetTrainer_smoke", "nnUNetTrainerMeanTeacher_smoke"]
+    assert list(report["results"]) == trainers
+    for trainer in trainers:
+        dice = report["results"][trainer]["dice"]
+        assert set(dice) == {"head", "body", "mean"} and all(0.0 <= v <= 1.0 for v in dice.values())
+        # the printed table shows the numbers of the JSON report
+        row = re.search(rf"^\| {trainer} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", proc.stdout, re.M)
+        assert row, proc.stdout[-3000:]
+        assert [float(x) for x in row.groups()] == [round(dice[k], 3) for k in ("head", "body", "mean")]
+        # predictions for every test case, scored by nnU-Net's evaluation
+        assert len(list((workdir / "predictions" / trainer).glob("*.nii.gz"))) == 2
+    assert (workdir / "demo_results.png").stat().st_size > 5_000
+    # the user's nnU-Net folders were never used: everything sits in the workdir
+    assert (workdir / "nnUNet_results" / "Dataset990_Demo").is_dir()
+
+    # a second run skips what is done
+    again = run_cli(["nnunet-foundation", "demo", "--workdir", workdir, *DEMO_ARGS], env)
+    assert again.stdout.count("already trained") == 2 and "nnUNetv2_train" not in again.stdout
+    assert json.loads((workdir / "demo_results.json").read_text())["results"][trainers[1]]["dice"] == \
+        report["results"][trainers[1]]["dice"]
+
+    # other settings in the same folder are refused instead of mixing runs
+    other = run_cli(["nnunet-foundation", "demo", "--workdir", workdir, *DEMO_ARGS[:-2], "--labeled", "3"], env,
+                    check=False)
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def test_demo_refuses_a_folder_it_did_not_create(tmp_path):
+    (tmp_path / "precious.txt").write_text("user data")
+    proc = run_cli(["nnunet-foundation", "demo", "--workdir", tmp_path, *DEMO_ARGS], dict(os.environ), check=False)
+    assert proc.returncode == 2 and "was not created by the demo" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
