@@ -259,3 +259,13 @@ def test_labels_of_split_unlabeled_cases_are_never_read(nnunet_tree):
     assert "Unlabeled stream: 4 case(s)" in proc.stdout
     final = load_checkpoint(output_folder(env, MT, "2d") / "checkpoint_final.pth")
     assert final["ssl_state"]["iteration"] == SMOKE_ITERATIONS
+
+
+def test_ua_mt_trains_through_the_cli(trained, tmp_path):
+    root, env, _ = trained
+    env = copy_nnunet_tree(root, tmp_path / "tree")
+    train(env, "nnUNetTrainerUAMT_smoke", "2d")
+    ckpt = load_checkpoint(output_folder(env, "nnUNetTrainerUAMT_smoke", "2d") / "checkpoint_final.pth")
+    assert ckpt["ssl_state"]["iteration"] == SMOKE_ITERATIONS
+    assert_state_equal(ckpt["network_weights"], ckpt["ssl_state"]["teacher_weights"])
+    assert all(0.0 < f <= 1.0 for f in ckpt["logging"]["certain_fraction"])

@@ -220,3 +220,55 @@ def test_checkpoint_round_trip_restores_everything(started_trainer, trainer_fact
             changed.load_checkpoint(path)
     finally:
         del os.environ["nnUNet_ssl_ema_decay"]
+
+
+# ---------------------------------------------------------------------------------------------- UA-MT
+def test_ua_mt_masked_consistency_and_threshold_schedule():
+    from nnunet_foundation.methods.ua_mt import entropy, masked_softmax_mse
+
+    teacher = torch.tensor([[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]]).T.reshape(1, 3, 2)  # certain, uniform
+    assert entropy(teacher)[0, 0, 0] < 0.2 and entropy(teacher)[0, 0, 1] == pytest.approx(math.log(3), abs=1e-4)
+    student_logits = torch.zeros(1, 3, 2, requires_grad=True)  # uniform everywhere
+    mask = (entropy(teacher) < 0.75 * math.log(3)).float()
+    assert mask.flatten().tolist() == [1.0, 0.0]
+    loss = masked_softmax_mse(student_logits, teacher, mask)
+    # only the certain voxel counts: mean over its three classes of (1/3 - p)^2
+    expected = sum((1 / 3 - p) ** 2 for p in (0.98, 0.01, 0.01)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert student_logits.grad[..., 1].abs().sum() == 0 and student_logits.grad[..., 0].abs().sum() > 0
+
+
+def test_ua_mt_step_uses_uncertainty_mask_and_reaches_student(trainer_factory):
+    preprocess_unlabeled_cli(trainer_factory.env, ("2d",))
+    t = trainer_factory("nnUNetTrainerUAMT_smoke", configuration="2d")
+    t.on_train_start()
+    num_classes = t.label_manager.num_segmentation_heads
+    t.ssl_iteration = 0
+    assert t.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(num_classes))
+    t.ssl_iteration = t.total_iterations
+    assert t.uncertainty_threshold() == pytest.approx(math.log(num_classes))
+
+    batch = next(t.dataloader_train)
+    labeled = {"data": batch["data"], "target": batch["target"]}
+    unlabeled = {"data": next(t.dataloader_unlabeled)["data"]}
+    first, mean = t.teacher_passes(unlabeled["data"])
+    assert len(first) == len(mean) == len(t.deep_supervision_weights())
+    assert torch.allclose(mean[0].sum(1), torch.ones_like(mean[0][:, 0]), atol=1e-5)
+    # the mean of 8 noisy passes differs from a single pass, so the noise really perturbs the teacher
+    assert not torch.allclose(first[0], mean[0])
+
+    def grads_with_weight(w):
+        t.unsup_weight = lambda: w
+        t.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss, logs = t.compute_losses(labeled, unlabeled)
+        loss.backward()
+        return _grads(t.network), logs
+
+    g0, _ = grads_with_weight(0.0)
+    g1, logs = grads_with_weight(100.0)
+    assert logs["unsup_loss"] > 0 and 0.0 < float(logs["certain_fraction"]) <= 1.0
+    assert any(not torch.allclose(a, b) for a, b in zip(g0, g1))
+    assert all(p.grad is None for p in t.teacher.parameters())
+    t.dataloader_unlabeled = None

@@ -11,7 +11,6 @@ nnU-Net's validation scores, and what ``nnUNetv2_predict`` loads; the student is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunet_foundation.training.budgets import make_budget_variants
@@ -45,13 +44,16 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
     def inference_network(self):
         return self.teacher
 
-    def teacher_predict(self, x: torch.Tensor):
+    def add_teacher_noise(self, x: torch.Tensor) -> torch.Tensor:
         s = self.ssl_settings
-        noise = torch.clamp(torch.randn_like(x) * s["teacher_noise_std"], -s["teacher_noise_clip"],
-                            s["teacher_noise_clip"])
+        return x + torch.clamp(torch.randn_like(x) * s["teacher_noise_std"], -s["teacher_noise_clip"],
+                               s["teacher_noise_clip"])
+
+    def teacher_predict(self, x: torch.Tensor):
+        """Teacher logits per deep-supervision scale for the noise-perturbed input (no gradient)."""
         with torch.no_grad():
             self.teacher.eval()
-            return self.as_list(self.teacher(x + noise))
+            return self.as_list(self.teacher(self.add_teacher_noise(x)))
 
     def compute_losses(self, labeled, unlabeled):
         x_l, x_u = labeled["data"], unlabeled["data"]
@@ -62,13 +64,18 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
         out_l = [o[:n_l] for o in outputs]
         out_u = [o[n_l:] for o in outputs]
         supervised = self.loss(out_l if self.enable_deep_supervision else out_l[0], labeled["target"])
+        unsupervised, logs = self.unsupervised_loss(out_u, unlabeled)
+        return supervised + unsupervised, logs
 
-        teacher_out = self.teacher_predict(x_u)
-        consistency = DeepSupervisionWrapper(softmax_mse, self.deep_supervision_weights())(out_u, teacher_out)
+    def unsupervised_loss(self, student_out_u, unlabeled):
+        """The weighted unsupervised term and its log values; variants (UA-MT, SemiSAM) override this."""
+        teacher_out = self.teacher_predict(unlabeled["data"])
+        consistency = DeepSupervisionWrapper(softmax_mse, self.deep_supervision_weights())(student_out_u,
+                                                                                           teacher_out)
         weight = self.unsup_weight()
         with torch.no_grad():
             confidence = torch.softmax(teacher_out[0].float(), 1).max(1)[0].mean()
-        return supervised + weight * consistency, {
+        return weight * consistency, {
             "unsup_loss": consistency.detach(), "unsup_weight": weight, "teacher_confidence": confidence}
 
     def after_optimizer_step(self):
