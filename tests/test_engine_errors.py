@@ -174,7 +174,7 @@ def test_every_subcommand_has_help():
 
     top = run_cli(["nnunet-foundation", "--help"], dict(os.environ)).stdout
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    assert {"trainer-path", "preprocess-unlabeled", "demo"} <= set(subcommands)
+    assert {"trainer-path", "preprocess-unlabeled", "make-splits", "demo"} <= set(subcommands)
     for name in subcommands:
         assert name in top
         proc = run_cli(["nnunet-foundation", name, "--help"], dict(os.environ))
