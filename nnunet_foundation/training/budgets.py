@@ -30,6 +30,8 @@ BUDGETS = {
     "smoke": Budget(2, 4, 2, batch_size=2, description="2 epochs x 4 iterations, batch 2 (plumbing checks only)"),
     # the demo (nnunet-foundation demo): a few minutes on a laptop CPU for two trainers
     "demo": Budget(15, 10, 2, batch_size=2, description="15 epochs x 10 iterations, batch 2 (CPU demo)"),
+    # the shortest CPU benchmark that separates the bounds on Hippocampus (about 7 min for nnUNetTrainer, 3d_fullres)
+    "cpu200": Budget(20, 10, 2, batch_size=2, description="20 epochs x 10 iterations, batch 2 (short CPU benchmark)"),
     # a CPU benchmark: 500 iterations at batch 2 (about 10-15 min per 3d_fullres run on 2 cores for Hippocampus)
     "cpu500": Budget(20, 25, 5, batch_size=2, description="20 epochs x 25 iterations, batch 2 (CPU benchmark)"),
     # a quick GPU study: 10k iterations at the plan's batch size
