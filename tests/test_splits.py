@@ -76,3 +76,17 @@ def test_make_splits_on_an_unplanned_dataset_says_what_to_run(tmp_path):
     write_dataset(env["nnUNet_raw"], dataset_id=902, name="Raw", num_labeled=4, num_unlabeled=0)
     proc = run_cli(["nnunet-foundation", "make-splits", "-d", 902, "--num-labeled", 1], env, check=False)
     assert proc.returncode == 2 and "nnUNetv2_plan_and_preprocess" in proc.stderr
+
+
+def test_val_fraction_sets_the_validation_size(nnunet_tree):
+    root, env = nnunet_tree
+    base = Path(env["nnUNet_preprocessed"]) / SYNTHETIC_NAME
+    # 10 labeled cases, 2 held out: 0.4 x 8 = 3.2 -> 3 validation cases per seed
+    run_cli(["nnunet-foundation", "make-splits", "-d", SYNTHETIC_ID, "--num-labeled", "2", "--seeds", "0", "1",
+             "--val-fraction", "0.4", "--test-cases", "2"], env)
+    splits = json.loads((base / "splits_final.json").read_text())
+    assert [len(f["val"]) for f in splits] == [3, 3] and [len(f["unlabeled"]) for f in splits] == [3, 3]
+    bad = run_cli(["nnunet-foundation", "make-splits", "-d", SYNTHETIC_ID, "--num-labeled", "2", "--val-fraction",
+                   "1.5", "--force"], env, check=False)
+    assert bad.returncode == 2 and "--val-fraction" in bad.stderr
+    assert json.loads((base / "splits_final.json").read_text()) == splits

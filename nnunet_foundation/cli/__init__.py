@@ -11,6 +11,8 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.preprocess_unlabeled",
     "nnunet_foundation.cli.splits",
     "nnunet_foundation.cli.demo",
+    "nnunet_foundation.cli.evaluate",
+    "nnunet_foundation.cli.benchmark",
 ]
 
 

@@ -29,7 +29,12 @@ def run(args) -> int:
         available = len(cases) - len(test)
         counts = list(args.num_labeled or [])
         counts += [max(1, round(f * available)) for f in (args.fraction or [])]
-        folds, infos = make_label_scarcity_splits(cases, counts, args.seeds, args.num_val, test, args.with_full)
+        num_val = args.num_val
+        if args.val_fraction is not None:
+            if not 0 < args.val_fraction < 1:
+                raise SplitError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+            num_val = max(1, round(args.val_fraction * available))
+        folds, infos = make_label_scarcity_splits(cases, counts, args.seeds, num_val, test, args.with_full)
         request = {k: v for k, v in vars(args).items() if k != "func"}
         written = write_splits(base, folds, infos, test, force=args.force, request=request)
     except (SplitError, OSError, json.JSONDecodeError) as e:
@@ -63,7 +68,10 @@ def register(subparsers) -> None:
     p.add_argument("--fraction", type=float, nargs="+",
                    help="labeled cases as a fraction of the non-test cases (one or more)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one set of folds per seed (default: 0)")
-    p.add_argument("--num-val", type=int, default=2, help="validation cases per seed (default: 2)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--num-val", type=int, default=2, help="validation cases per seed (default: 2)")
+    val.add_argument("--val-fraction", type=float,
+                     help="validation cases per seed as a fraction of the non-test cases (instead of --num-val)")
     p.add_argument("--test-cases", type=int, default=0,
                    help="hold out this many cases as a test set excluded from every fold (default: 0)")
     p.add_argument("--test-list", help="JSON file with a list of case ids to hold out instead")

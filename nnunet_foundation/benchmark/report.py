@@ -1,0 +1,421 @@
+"""Aggregates, ``results.json``, ``report.md`` and the plots of a benchmark.
+
+Every number in ``report.md`` is read from the ``results.json`` structure built here, and every aggregate in it is
+computed from the per-case numbers that ``results.json`` also holds, so the three never disagree.
+
+Aggregation (per trainer and column; a column is a labeled count, or ``all`` for the fully supervised runs):
+the per-case foreground mean (mean over classes of one test case) is pooled over seeds; tables show its mean ± the
+standard deviation over test cases; ``std_over_seeds`` is the spread of the per-seed means (NaN with one seed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER
+from nnunet_foundation.evaluation import METRICS, gap_closed, mean_std, write_json
+
+#: decimals per metric in report.md
+DECIMALS = {"Dice": 3, "NSD": 3, "HD95": 2}
+ROLE_ORDER = {LOWER: 0, SSL: 1, UPPER: 2}
+
+
+def _column_sort_key(column: str):
+    return (1, 0) if column == "all" else (0, int(column))
+
+
+def aggregate(results: List[dict]) -> dict:
+    """{trainer: {column: {...}}} over runs (seeds) and test cases; see the module doc."""
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in results:
+        run = r["run"]
+        column = "all" if run["num_labeled"] is None else str(run["num_labeled"])
+        groups[(run["trainer"], column)].append(r)
+    out: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for (trainer, column), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], _column_sort_key(kv[0][1]))):
+        runs = sorted(runs, key=lambda r: r["run"]["seed"])
+        classes = runs[0]["evaluation"]["classes"]
+        entry = {"role": runs[0]["run"]["role"], "method": runs[0]["run"]["method"],
+                 "num_labeled": runs[0]["run"]["num_labeled"],
+                 "num_train": sorted({r["run"]["num_train"] for r in runs}),
+                 "seeds": [r["run"]["seed"] for r in runs], "runs": [r["run"]["run_id"] for r in runs],
+                 "foreground_mean": {}, "per_class": {}}
+        for m in METRICS:
+            cases = [c["foreground_mean"][m] for r in runs for c in r["evaluation"]["per_case"]]
+            over_cases = mean_std(cases)
+            over_seeds = mean_std(r["evaluation"]["foreground_mean"][m]["mean"] for r in runs)
+            entry["foreground_mean"][m] = {"mean": over_cases["mean"], "std_over_cases": over_cases["std"],
+                                           "n_cases": over_cases["n"], "std_over_seeds": over_seeds["std"],
+                                           "n_seeds": over_seeds["n"]}
+        for key, name in classes.items():
+            entry["per_class"][key] = {"name": name}
+            for m in METRICS:
+                stats = mean_std(c["metrics"][key][m] for r in runs for c in r["evaluation"]["per_case"])
+                entry["per_class"][key][m] = {"mean": stats["mean"], "std_over_cases": stats["std"]}
+        out[trainer][column] = entry
+    return dict(out)
+
+
+def gaps(results: List[dict]) -> dict:
+    """Fraction of the gap closed per SSL trainer, labeled count and seed: (ssl − lower) / (upper − lower) on the
+    run's mean over test cases; lower = labeled-only run of the same fold, upper = fully supervised run of the seed."""
+    by_key = {}
+    for r in results:
+        run = r["run"]
+        by_key[(run["role"], run["trainer"], run["num_labeled"], run["seed"])] = r
+    lower = {(k[2], k[3]): v for k, v in by_key.items() if k[0] == LOWER}
+    upper = {k[3]: v for k, v in by_key.items() if k[0] == UPPER}
+    out: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for (role, trainer, n, seed), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2] or 0, kv[0][3])):
+        if role != SSL or (n, seed) not in lower or seed not in upper:
+            continue
+        column = out[trainer].setdefault(str(n), {m: {"per_seed": {}} for m in METRICS})
+        for m in METRICS:
+            value = gap_closed(r["evaluation"]["foreground_mean"][m]["mean"],
+                               lower[(n, seed)]["evaluation"]["foreground_mean"][m]["mean"],
+                               upper[seed]["evaluation"]["foreground_mean"][m]["mean"])
+            column[m]["per_seed"][str(seed)] = value
+    for trainer in out.values():
+        for column in trainer.values():
+            for m in METRICS:
+                column[m].update(mean_std(column[m]["per_seed"].values()))
+    return dict(out)
+
+
+def build_results(bench, results: List[dict], missing: List, command: Optional[str], cost: Optional[dict]) -> dict:
+    from nnunet_foundation.benchmark.machine import machine_info
+
+    s = bench.settings
+    machines = []
+    for r in results:
+        if r.get("machine") and r["machine"] not in machines:
+            machines.append(r["machine"])
+    return {
+        "dataset": bench.dataset_name,
+        "configuration": s.configuration,
+        "plans": s.plans,
+        "budget": {"name": s.budget, "description": bench.budget.description,
+                   "num_epochs": bench.budget.num_epochs, "iterations_per_epoch": bench.budget.iterations_per_epoch,
+                   "total_iterations": bench.budget.total_iterations, "batch_size": bench.budget.batch_size},
+        "seeds": list(s.seeds),
+        "labeled": list(s.labeled),
+        "trainers": {"lower_bound": s.trainer_class("nnUNetTrainer"),
+                     "semi_supervised": [s.trainer_class(t) for t in s.trainers],
+                     "upper_bound": s.trainer_class("nnUNetTrainer")},
+        "num_val": s.num_val,
+        "test_cases": bench.test_cases,
+        "folds": [{"fold": i.fold, "seed": i.seed, "num_labeled": i.num_labeled, **{k: f[k] for k in f}}
+                  for f, i in zip(bench.folds, bench.fold_infos)],
+        "num_unlabeled_extra": bench.extra_unlabeled_cases(),
+        "metrics": {"foreground_mean": "per test case, the mean over foreground classes; then mean and std over "
+                                       "test cases pooled over seeds (std_over_cases) and std of per-seed means "
+                                       "(std_over_seeds)",
+                    "HD95": "mm, max of the two directed 95th percentiles of surface distances",
+                    "NSD": "normalised surface distance (surface Dice) at the tolerance below",
+                    "tolerance_mm": results[0]["evaluation"]["tolerance_mm"] if results else None,
+                    "empty_masks": "both empty: Dice 1, HD95 0, NSD 1; one empty: Dice 0, HD95 = image diagonal "
+                                   "(mm), NSD 0"},
+        "machine": {"report": machine_info(s.device), "runs": machines},
+        "command": command,
+        "canonical_command": s.command(str(bench.output)),
+        "runs": results,
+        "missing_runs": [r.run_id for r in missing],
+        "aggregates": aggregate(results),
+        "gap_closed": gaps(results),
+        "cost": cost,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+def fmt(stats: dict, metric: str, std_key: str = "std_over_cases") -> str:
+    mean, std = stats.get("mean", math.nan), stats.get(std_key, math.nan)
+    if mean is None or math.isnan(mean):
+        return "–"
+    d = DECIMALS.get(metric, 3)
+    return f"{mean:.{d}f}" + ("" if std is None or math.isnan(std) else f" ± {std:.{d}f}")
+
+
+def _rows_in_order(aggregates: dict) -> List[str]:
+    def key(trainer):
+        roles = {e["role"] for e in aggregates[trainer].values()}
+        return (0 if LOWER in roles or UPPER in roles else 1, trainer)
+    return sorted(aggregates, key=key)
+
+
+def _metric_table(data: dict, metric: str, std_key: str, columns: List[str], upper_label: str) -> List[str]:
+    aggregates = data["aggregates"]
+    header = [f"{c} labeled" for c in columns if c != "all"] + ([upper_label] if "all" in columns else [])
+    lines = ["| trainer | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for trainer in _rows_in_order(aggregates):
+        label = trainer
+        entries = aggregates[trainer]
+        if any(e["role"] == LOWER for e in entries.values()):
+            label = f"{trainer} (labeled only / all labels)"
+        cells = [fmt(entries[c]["foreground_mean"][metric], metric, std_key) if c in entries else ""
+                 for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(data: dict, plots: List[str]) -> str:
+    aggregates = data["aggregates"]
+    columns = sorted({c for t in aggregates.values() for c in t}, key=_column_sort_key)
+    full = next((e for t in aggregates.values() for c, e in t.items() if c == "all"), None)
+    upper_label = f"all labeled ({', '.join(map(str, full['num_train']))})" if full else "all labeled"
+    b = data["budget"]
+    m = data["machine"]["report"]
+    from nnunet_foundation.benchmark.machine import describe
+
+    tolerance = data["metrics"]["tolerance_mm"] or {}
+    lines = [f"# Label-scarcity benchmark: {data['dataset']}, {data['configuration']}", "",
+             f"- **Budget** `{b['name']}`: {b['description']} — {b['total_iterations']} iterations, the same for "
+             f"every run.",
+             f"- **Trainers**: `{data['trainers']['lower_bound']}` on the labeled cases only (lower bound), "
+             + ", ".join(f"`{t}`" for t in data["trainers"]["semi_supervised"])
+             + f" with the same labeled cases plus the fold's unlabeled ones"
+             + (f" and {data['num_unlabeled_extra']} imagesUnlabeled scans" if data["num_unlabeled_extra"] else "")
+             + f", and `{data['trainers']['upper_bound']}` with every non-test, non-validation case labeled (upper "
+               f"bound).",
+             f"- **Seeds**: {', '.join(map(str, data['seeds']))} (one split per seed: validation cases and nested "
+             f"labeled sets); {data['num_val']} validation cases per seed.",
+             f"- **Test set**: {len(data['test_cases'])} held-out cases, in no training, unlabeled or validation "
+             f"list of any fold (`test_split.json`); all numbers below are on them.",
+             f"- **Machine**: {describe(m)}."
+             + (" Runs were trained on: " + "; ".join(describe(x) for x in data["machine"]["runs"]) + "."
+                if data["machine"]["runs"] and data["machine"]["runs"] != [m] else ""),
+             f"- **Command**: `{data['command'] or data['canonical_command']}`",
+             "",
+             "Metrics per test case are means over the foreground classes; cells are mean ± std over test cases "
+             "(pooled over seeds). HD95 in mm (lower is better); NSD at "
+             + ", ".join(f"{_class_name(data, k)} {v:g} mm" for k, v in tolerance.items())
+             + ". Empty masks: both empty → Dice 1, HD95 0, NSD 1; one empty → Dice 0, HD95 = image diagonal, NSD 0.",
+             ""]
+    if data["missing_runs"]:
+        lines += [f"**Incomplete**: {len(data['missing_runs'])} run(s) not finished yet and left out: "
+                  + ", ".join(f"`{r}`" for r in data["missing_runs"]), ""]
+    for metric, title in (("Dice", "Dice"), ("HD95", "HD95 (mm)"), ("NSD", "NSD")):
+        lines += [f"## {title}", ""] + _metric_table(data, metric, "std_over_cases", columns, upper_label) + [""]
+    if len(data["seeds"]) > 1:
+        lines += ["## Dice, mean ± std over seeds", "",
+                  "The spread of the per-seed means (each seed has its own validation and labeled cases).", ""]
+        lines += _metric_table(data, "Dice", "std_over_seeds", columns, upper_label) + [""]
+    lines += ["## Fraction of the gap closed", "",
+              "(SSL − labeled-only) / (fully supervised − labeled-only), per seed on the mean over test cases, then "
+              "mean ± std over seeds: 0 = no better than the labeled cases alone, 1 = as good as labeling every "
+              "case, negative = worse than labeled-only.", ""]
+    gap_columns = sorted({c for t in data["gap_closed"].values() for c in t}, key=_column_sort_key)
+    lines += ["| trainer | metric | " + " | ".join(f"{c} labeled" for c in gap_columns) + " |",
+              "|---|---" + "|---" * len(gap_columns) + "|"]
+    for trainer, per_column in sorted(data["gap_closed"].items()):
+        for metric in ("Dice", "NSD"):
+            cells = []
+            for c in gap_columns:
+                g = per_column.get(c, {}).get(metric)
+                cells.append("" if g is None else fmt({"mean": g["mean"], "std_over_cases": g["std"]}, "Dice"))
+            lines.append(f"| {trainer} | {metric} | " + " | ".join(cells) + " |")
+    lines += [""]
+
+    lines += ["## Per class (Dice, mean ± std over test cases)", ""]
+    classes = next(iter(next(iter(aggregates.values())).values()))["per_class"] if aggregates else {}
+    lines += ["| trainer | labeled | " + " | ".join(f"{v['name']}" for v in classes.values()) + " |",
+              "|---|---" + "|---" * len(classes) + "|"]
+    for trainer in _rows_in_order(aggregates):
+        for column in sorted(aggregates[trainer], key=_column_sort_key):
+            entry = aggregates[trainer][column]
+            lines.append(f"| {trainer} | {column} | " + " | ".join(
+                fmt(entry["per_class"][k]["Dice"], "Dice") for k in classes) + " |")
+    lines += [""]
+
+    lines += ["## Training time", "",
+              "Seconds per epoch from nnU-Net's own epoch timestamps (includes data loading and validation; "
+              "comparable only between runs on the same machine), relative to the labeled-only runs.", "",
+              "| trainer | runs | epochs | s/epoch | x labeled-only |", "|---|---|---|---|---|"]
+    per_trainer = defaultdict(list)
+    for r in data["runs"]:
+        if r["training"].get("epochs"):
+            per_trainer[(r["run"]["trainer"], r["run"]["role"] == UPPER)].append(r["training"])
+    base = [t["seconds_per_epoch"] for (name, is_upper), ts in per_trainer.items() if not is_upper
+            for t in ts if name == data["trainers"]["lower_bound"]]
+    base_mean = float(np.mean(base)) if base else math.nan
+    order = {t: i for i, t in enumerate([data["trainers"]["lower_bound"]] + data["trainers"]["semi_supervised"])}
+    for (trainer, is_upper), ts in sorted(per_trainer.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+        spe = float(np.mean([t["seconds_per_epoch"] for t in ts]))
+        label = f"{trainer} (all labels)" if is_upper else trainer
+        lines.append(f"| {label} | {len(ts)} | {ts[0]['epochs']} | {spe:.1f} | {spe / base_mean:.2f} |")
+    lines += [""]
+    if data.get("cost"):
+        lines += ["## Cost per iteration (benchmarks/trainer_cost.py)", "", data["cost"].get("header", ""), ""]
+        lines += _cost_table(data["cost"]) + [""]
+
+    lines += ["## Runs", "",
+              "| run | fold | role | labeled | unlabeled | val | Dice | HD95 | NSD | epochs | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(data["runs"], key=lambda r: (r["run"]["seed"], r["run"]["fold"], ROLE_ORDER[r["run"]["role"]])):
+        run, fg = r["run"], r["evaluation"]["foreground_mean"]
+        unlabeled = run["num_unlabeled_from_split"] + r.get("num_unlabeled_extra", 0) if run["role"] == SSL else 0
+        train_s = r["training"].get("seconds")
+        lines.append(f"| {run['run_id']} | {run['fold']} | {run['role']} | {run['num_train']} | {unlabeled} | "
+                     f"{run['num_val']} | " + " | ".join(
+                         fmt({"mean": fg[mm]["mean"], "std_over_cases": fg[mm]["std"]}, mm) for mm in METRICS)
+                     + f" | {r['training'].get('epochs', '')} | {'' if train_s is None else f'{train_s:.0f}'} |")
+    lines += [""]
+    for plot in plots:
+        lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
+    lines += ["Per-case numbers, folds and training curves: `results.json`.", ""]
+    return "\n".join(lines)
+
+
+def _class_name(data: dict, key: str) -> str:
+    for trainer in data["aggregates"].values():
+        for entry in trainer.values():
+            if key in entry["per_class"]:
+                return entry["per_class"][key]["name"]
+    return key
+
+
+def _cost_table(cost: dict) -> List[str]:
+    rows = cost.get("rows", [])
+    base = next((r for r in rows if r.get("trainer") == "nnUNetTrainer"), None)
+    lines = ["| trainer | s/iteration | x nnUNetTrainer | peak memory (MB) | x nnUNetTrainer |", "|---|---|---|---|---|"]
+    for r in rows:
+        rt = r["seconds_per_iteration"] / base["seconds_per_iteration"] if base else math.nan
+        rm = r["memory_mb"] / base["memory_mb"] if base else math.nan
+        lines.append(f"| {r['trainer']} | {r['seconds_per_iteration']:.3f} | {rt:.2f} | {r['memory_mb']:.0f} | "
+                     f"{rm:.2f} |")
+    return lines
+
+
+def load_cost(path: str) -> dict:
+    from nnunet_foundation.benchmark.settings import BenchmarkError
+
+    try:
+        with open(path) as f:
+            cost = json.load(f)
+        assert isinstance(cost.get("rows"), list) and all(
+            {"trainer", "seconds_per_iteration", "memory_mb"} <= set(r) for r in cost["rows"])
+    except (OSError, ValueError, AssertionError, AttributeError):
+        raise BenchmarkError(f"--cost {path}: expected the JSON written by 'python benchmarks/trainer_cost.py "
+                             f"--json FILE' ({{'header': ..., 'rows': [{{'trainer', 'seconds_per_iteration', "
+                             f"'memory_mb', ...}}]}})") from None
+    return cost
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _number(x, missing: float = 0.0) -> float:
+    """JSON null / NaN -> ``missing`` (e.g. no error bar for a single seed)."""
+    return missing if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _trainer_colors(plt, data: dict) -> Dict[str, str]:
+    """One colour per trainer, the same in every plot (bounds first)."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    trainers = [data["trainers"]["lower_bound"]] + [t for t in data["trainers"]["semi_supervised"]]
+    return {t: cycle[i % len(cycle)] for i, t in enumerate(dict.fromkeys(trainers))}
+
+
+def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
+    plt = _plt()
+    aggregates = data["aggregates"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    colors = _trainer_colors(plt, data)
+    for ax, metric in zip(axes[0], metrics):
+        several_seeds = len(data["seeds"]) > 1
+        std_key = "std_over_seeds" if several_seeds else "std_over_cases"
+        for trainer in _rows_in_order(aggregates):
+            entries = aggregates[trainer]
+            columns = sorted((c for c in entries if c != "all"), key=int)
+            color = colors.get(trainer, "gray")
+            if columns:
+                x = [int(c) for c in columns]
+                y = [_number(entries[c]["foreground_mean"][metric]["mean"], math.nan) for c in columns]
+                err = [_number(entries[c]["foreground_mean"][metric][std_key]) for c in columns]
+                role = entries[columns[0]]["role"]
+                label = f"{trainer} ({'labeled only' if role == LOWER else 'semi-supervised'})"
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=label)
+            if "all" in entries:
+                stats = entries["all"]["foreground_mean"][metric]
+                ax.axhline(_number(stats["mean"], math.nan), color=color, ls="--",
+                           label=f"{trainer}, all {', '.join(map(str, entries['all']['num_train']))} labeled "
+                                 f"(upper bound)")
+                std = _number(stats[std_key])
+                ax.axhspan(_number(stats["mean"]) - std, _number(stats["mean"]) + std, color=color, alpha=0.1)
+        ax.set_xticks(data["labeled"])
+        ax.set_xlabel("labeled training cases")
+        ax.set_ylabel(f"{metric}{' (mm)' if metric == 'HD95' else ''}, test set")
+        ax.set_title(f"{metric}: mean ± std over {'seeds' if several_seeds else 'test cases'}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{data['dataset']} {data['configuration']}, budget '{data['budget']['name']}'", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(data: dict, path: Path) -> None:
+    """Rows: labeled counts (and 'all'); panels: train loss, val loss, pseudo Dice (EMA), unsupervised loss."""
+    plt = _plt()
+    panels = [("train_losses", "train loss"), ("val_losses", "validation loss"),
+              ("ema_fg_dice", "pseudo Dice (moving average, val)"), ("unsup_loss", "unsupervised loss")]
+    columns = sorted({("all" if r["run"]["num_labeled"] is None else str(r["run"]["num_labeled"]))
+                      for r in data["runs"]}, key=_column_sort_key)
+    colors = _trainer_colors(plt, data)
+    fig, axes = plt.subplots(max(len(columns), 1), len(panels), figsize=(4.2 * len(panels), 3 * max(len(columns), 1)),
+                             squeeze=False)
+    for row, column in enumerate(columns):
+        for col, (key, title) in enumerate(panels):
+            ax = axes[row][col]
+            for r in data["runs"]:
+                run = r["run"]
+                if ("all" if run["num_labeled"] is None else str(run["num_labeled"])) != column:
+                    continue
+                values = r["training"].get("curves", {}).get(key)
+                if values:
+                    ax.plot(range(1, len(values) + 1), values, color=colors.get(run["trainer"], "gray"), alpha=0.85,
+                            marker="." if len(values) < 20 else None, label=f"{run['trainer']} (seed {run['seed']})")
+            if not ax.lines:
+                ax.text(0.5, 0.5, "not logged by these trainers", ha="center", va="center", fontsize=8,
+                        transform=ax.transAxes, color="gray")
+            ax.set_title(f"{'all' if column == 'all' else column} labeled: {title}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if col == 0 and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(bench, results: List[dict], missing: List, command: Optional[str] = None,
+                  cost: Optional[dict] = None) -> dict:
+    """results.json, report.md and the PNGs in the output folder; returns the results.json content."""
+    out = bench.output
+    data = build_results(bench, results, missing, command, cost)
+    write_json(data, str(out / "results.json"))
+    plots = []
+    if results:
+        plot_metric_vs_labeled(data, ["Dice"], out / "dice_vs_labeled.png")
+        plot_metric_vs_labeled(data, ["NSD", "HD95"], out / "nsd_hd95_vs_labeled.png")
+        plot_training_curves(data, out / "training_curves.png")
+        plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png", "training_curves.png"]
+    # results.json went through JSON (NaN and all); render from what was written so both agree exactly
+    with open(out / "results.json") as f:
+        written = json.load(f)
+    (out / "report.md").write_text(render_markdown(written, plots))
+    return written
+
+
+def command_line(argv: List[str]) -> str:
+    return shlex.join(["nnunet-foundation", *argv])

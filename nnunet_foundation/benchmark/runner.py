@@ -1,0 +1,546 @@
+"""The benchmark's steps: splits, held-out test export, trainings, predictions, evaluation — resumable.
+
+Folders (``OUTPUT`` is ``--output``; nothing outside it is written except ``splits_final.json``,
+``splits_info.json`` and ``test_split.json`` in the preprocessed dataset folder and nnU-Net's own training folders
+in ``nnUNet_results``):
+
+    OUTPUT/.nnunet_foundation_benchmark    marker: dataset/configuration/plans this folder belongs to
+    OUTPUT/test_data/imagesTs, labelsTs     copies of the held-out cases' raw files (the raw dataset is only read)
+    OUTPUT/runs/<run_id>/run.json           the claim: this run's fold (and its digest) trains in <training folder>
+    OUTPUT/runs/<run_id>/result.json        written last: evaluation, training curves, timings (= "finished")
+    OUTPUT/predictions/<run_id>/            nnUNetv2_predict output for the test cases
+    OUTPUT/logs/<run_id>.train.log, ...     full output of every command
+
+Resuming: a run whose ``result.json`` matches its current ``checkpoint_final.pth`` and fold is skipped; a trained
+run without result is predicted and evaluated; a training with ``checkpoint_latest.pth`` only resumes with ``--c``.
+
+Stale results are refused, never deleted: a training folder that exists with a checkpoint but was not claimed by
+this benchmark for the current fold (another study, or splits replaced with ``--force``) stops the benchmark with
+the folder's path, unless ``--adopt-existing`` says that it was trained on the current split.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from nnunet_foundation.benchmark.settings import (LOWER, SSL, STOCK_TRAINER, UPPER, BenchmarkError,
+                                                  BenchmarkSettings, Run)
+
+MARKER = ".nnunet_foundation_benchmark"
+# lines of nnU-Net's training output shown live (everything goes to the log file)
+PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "semi-supervised:")
+
+TRAIN, RESUME, PREDICT, FINISHED = "train", "resume", "predict+evaluate", "finished"
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(data, path: Path) -> None:
+    from nnunet_foundation.evaluation import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(data, str(path))
+
+
+def _command_path(name: str) -> str:
+    """The console script next to this Python (the venv's), or the bare name for PATH lookup."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _minutes(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Benchmark:
+    def __init__(self, settings: BenchmarkSettings, adopt_existing: bool = False):
+        from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        from nnunet_foundation.training.budgets import BUDGETS
+
+        self.settings = settings.normalised()
+        self.adopt_existing = adopt_existing
+        self.budget = BUDGETS[self.settings.budget]
+        for var in (nnUNet_raw, nnUNet_preprocessed, nnUNet_results):
+            if not var.is_set():
+                raise BenchmarkError(f"{var.env_var_name} is not set; export nnUNet_raw, nnUNet_preprocessed and "
+                                     f"nnUNet_results as for any nnU-Net command.")
+        try:
+            self.dataset_name = maybe_convert_to_dataset_name(self.settings.dataset)
+        except RuntimeError as e:
+            raise BenchmarkError(f"dataset {self.settings.dataset!r} not found: {e}") from None
+        self.dataset_id = int(self.dataset_name[len("Dataset"):len("Dataset") + 3])
+        self.raw = Path(nnUNet_raw.require()) / self.dataset_name
+        self.preprocessed = Path(nnUNet_preprocessed.require()) / self.dataset_name
+        self.results_root = Path(nnUNet_results.require()) / self.dataset_name
+        self.output = Path(self.settings.output).resolve()
+        self._check_dataset()
+        self.env = self._environment()
+        self.runs, self.folds, self.fold_infos, self.test_cases = self._plan()
+
+    # ------------------------------------------------------------------------------------------ checks, plan
+    def _check_dataset(self) -> None:
+        plans_file = self.preprocessed / f"{self.settings.plans}.json"
+        if not plans_file.is_file():
+            raise BenchmarkError(f"{plans_file} not found: plan and preprocess the dataset first "
+                                 f"(nnUNetv2_plan_and_preprocess -d {self.dataset_id} -c {self.settings.configuration})")
+        plans = _load_json(plans_file)
+        configurations = plans.get("configurations", {})
+        if self.settings.configuration not in configurations:
+            raise BenchmarkError(f"configuration '{self.settings.configuration}' is not in {plans_file} "
+                                 f"(available: {', '.join(configurations)})")
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        identifier = PlansManager(plans).get_configuration(self.settings.configuration).data_identifier
+        self.data_identifier = identifier
+        if not (self.preprocessed / identifier).is_dir():
+            raise BenchmarkError(f"{self.preprocessed / identifier} does not exist: run nnUNetv2_plan_and_preprocess "
+                                 f"-d {self.dataset_id} -c {self.settings.configuration}")
+        if not (self.raw / "dataset.json").is_file():
+            raise BenchmarkError(f"{self.raw / 'dataset.json'} not found: the held-out test cases are copied from the "
+                                 f"raw dataset, so nnUNet_raw must hold it")
+        self.dataset_json = _load_json(self.raw / "dataset.json")
+
+    def _environment(self) -> Dict[str, str]:
+        """The environment of the nnUNetv2_* subprocesses: the caller's, plus this package's trainer folder."""
+        from nnunet_foundation.paths import trainer_path
+
+        env = dict(os.environ)
+        ours = str(trainer_path())
+        paths = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+        if ours not in paths:
+            paths.append(ours)
+        env["nnUNet_extTrainer"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def check_trainers(self) -> None:
+        """Every trainer class must be findable by nnU-Net before hours of training start."""
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        missing = []
+        previous = os.environ.get("nnUNet_extTrainer")
+        os.environ["nnUNet_extTrainer"] = self.env["nnUNet_extTrainer"]
+        try:
+            for name in sorted({r.trainer for r in self.runs}):
+                try:
+                    # nnU-Net narrates its search, and importing its trainers warns about torch.jit
+                    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        recursive_find_trainer_class_by_name(name)
+                except (RuntimeError, AssertionError):
+                    missing.append(name)
+        finally:
+            if previous is None:
+                os.environ.pop("nnUNet_extTrainer", None)
+            else:
+                os.environ["nnUNet_extTrainer"] = previous
+        if missing:
+            raise BenchmarkError(f"trainer class(es) {missing} not found by nnU-Net (searched nnunetv2 and "
+                                 f"nnUNet_extTrainer={self.env['nnUNet_extTrainer']}). Trainer names are given "
+                                 f"without the budget suffix (--trainers nnUNetTrainerMeanTeacher --budget "
+                                 f"{self.settings.budget}).")
+
+    def _plan(self):
+        from nnunet_foundation.splits import (SplitError, draw_test_cases, labeled_cases,
+                                              make_label_scarcity_splits)
+
+        s = self.settings
+        try:
+            cases = labeled_cases(str(self.preprocessed))
+            if s.test_list:
+                try:
+                    test = sorted(set(_load_json(Path(s.test_list))))
+                except (OSError, ValueError) as e:
+                    raise BenchmarkError(f"--test-list {s.test_list}: {e} (expected a JSON list of case ids)") from None
+            else:
+                test = draw_test_cases(cases, s.test_cases, s.test_seed)
+            folds, infos = make_label_scarcity_splits(cases, s.labeled, s.seeds, s.num_val, test, with_full=True)
+        except SplitError as e:
+            raise BenchmarkError(str(e)) from None
+        runs: List[Run] = []
+        for fold, info in zip(folds, infos):
+            stock = s.trainer_class(STOCK_TRAINER)
+            if info.num_labeled is None:
+                runs.append(Run(UPPER, stock, STOCK_TRAINER, info.fold, info.seed, None, fold))
+                continue
+            runs.append(Run(LOWER, stock, STOCK_TRAINER, info.fold, info.seed, info.num_labeled, fold))
+            for method in s.trainers:
+                runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold))
+        return runs, folds, infos, test
+
+    # ------------------------------------------------------------------------------------------ paths
+    def training_folder(self, run: Run) -> Path:
+        return (self.results_root / f"{run.trainer}__{self.settings.plans}__{self.settings.configuration}" /
+                f"fold_{run.fold}")
+
+    def run_folder(self, run: Run) -> Path:
+        return self.output / "runs" / run.run_id
+
+    def predictions_folder(self, run: Run) -> Path:
+        return self.output / "predictions" / run.run_id
+
+    @property
+    def test_images(self) -> Path:
+        return self.output / "test_data" / "imagesTs"
+
+    @property
+    def test_labels(self) -> Path:
+        return self.output / "test_data" / "labelsTs"
+
+    @property
+    def splits_file(self) -> Path:
+        return self.preprocessed / "splits_final.json"
+
+    def extra_unlabeled_cases(self) -> int:
+        """Scans preprocessed from imagesUnlabeled: the semi-supervised trainers add them to every fold."""
+        from nnunet_foundation.paths import UNLABELED_METADATA_FILE, unlabeled_preprocessed_folder
+
+        meta = Path(unlabeled_preprocessed_folder(str(self.preprocessed), self.data_identifier)) / \
+            UNLABELED_METADATA_FILE
+        return len(_load_json(meta).get("cases", [])) if meta.is_file() else 0
+
+    # ------------------------------------------------------------------------------------------ preparation
+    def splits_status(self) -> str:
+        """'same' (existing files hold exactly these folds and test set), 'missing' or 'different'."""
+        if not self.splits_file.is_file():
+            return "missing"
+        test_file = self.preprocessed / "test_split.json"
+        existing_test = _load_json(test_file) if test_file.is_file() else []
+        if _load_json(self.splits_file) == self.folds and sorted(existing_test) == self.test_cases:
+            return "same"
+        return "different"
+
+    def prepare(self, force: bool = False) -> None:
+        """Output folder, splits, held-out test export and run claims. Safe to repeat; never overwrites silently."""
+        self._prepare_output()
+        self._prepare_splits(force)
+        self._export_test_set()
+        self._claim_runs()
+
+    def _prepare_output(self) -> None:
+        marker = self.output / MARKER
+        identity = {"dataset": self.dataset_name, "configuration": self.settings.configuration,
+                    "plans": self.settings.plans}
+        if self.output.exists() and any(self.output.iterdir()):
+            if not marker.is_file():
+                raise BenchmarkError(f"{self.output} exists and is not a benchmark folder (no {MARKER}); choose a new "
+                                     f"or empty --output (nothing was changed).")
+            previous = _load_json(marker)
+            if previous != identity:
+                raise BenchmarkError(f"{self.output} holds a benchmark of {previous}; this one is {identity}. Use "
+                                     f"another --output (nothing was changed).")
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        _write_json(identity, marker)
+
+    def _prepare_splits(self, force: bool) -> None:
+        from nnunet_foundation.splits import SplitError, write_splits
+
+        status = self.splits_status()
+        if status == "same":
+            return  # not even rewritten: trainings of this benchmark may be reading it right now
+        if status == "different" and not force:
+            raise BenchmarkError(
+                f"{self.splits_file} holds other folds or another test set than this benchmark needs (another "
+                f"study, nnU-Net's default 5-fold split, or this benchmark with other --labeled/--seeds/--num-val/"
+                f"--test-* options). Mixing them would mix results. Rerun with the same options, or add --force to "
+                f"replace it (a timestamped backup is kept; trainings of the old folds are then refused until "
+                f"moved away).")
+        request = {"benchmark": self.settings.command(str(self.output))}
+        try:
+            written = write_splits(str(self.preprocessed), self.folds, self.fold_infos, self.test_cases, force=True,
+                                   request=request)
+        except SplitError as e:
+            raise BenchmarkError(str(e)) from None
+        if "backup" in written:
+            print(f"benchmark: previous splits kept as {written['backup']}", flush=True)
+        print(f"benchmark: wrote {self.splits_file} ({len(self.folds)} folds) and {written.get('test')}", flush=True)
+
+    def _export_test_set(self) -> None:
+        """Copy the held-out cases' raw images and labels (the user's raw dataset is only read)."""
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        folder = self.output / "test_data"
+        record = folder / "cases.json"
+        if record.is_file() and _load_json(record) == self.test_cases and self.test_images.is_dir():
+            return
+        if folder.exists():
+            shutil.rmtree(folder)  # a copy made by this benchmark for another test set (we wrote the marker)
+        files = get_filenames_of_train_images_and_targets(str(self.raw), json.loads(json.dumps(self.dataset_json)))
+        ending = self.dataset_json["file_ending"]
+        self.test_images.mkdir(parents=True)
+        self.test_labels.mkdir(parents=True)
+        for case in self.test_cases:
+            for channel, image in enumerate(files[case]["images"]):
+                shutil.copy2(image, self.test_images / f"{case}_{channel:04d}{ending}")
+            shutil.copy2(files[case]["label"], self.test_labels / f"{case}{ending}")
+        _write_json(self.test_cases, record)
+        print(f"benchmark: copied {len(self.test_cases)} held-out test cases to {folder}", flush=True)
+
+    def is_claimed(self, run: Run) -> bool:
+        record = self.run_folder(run) / "run.json"
+        return record.is_file() and _load_json(record).get("split_digest") == _digest(run.split)
+
+    def conflict(self, run: Run) -> Optional[str]:
+        """Why the run's nnU-Net training folder cannot be used (or None): it holds a checkpoint that this benchmark
+        did not record for the run's current fold."""
+        if self.is_claimed(run):
+            return None
+        if not any((self.training_folder(run) / c).is_file()
+                   for c in ("checkpoint_final.pth", "checkpoint_latest.pth")):
+            return None
+        if (self.run_folder(run) / "run.json").is_file():
+            return "was trained on an earlier split of this benchmark (splits replaced with --force)"
+        if self.adopt_existing:
+            return None
+        return "was not trained by this benchmark, so its split is unknown"
+
+    def _claim_runs(self) -> None:
+        """Record, before anything trains, which fold each training folder belongs to (see the module doc)."""
+        conflicts = [f"{self.training_folder(r)} {why}" for r in self.runs for why in [self.conflict(r)] if why]
+        if conflicts:
+            raise BenchmarkError(
+                "existing nnU-Net trainings would be mixed into this benchmark:\n  " + "\n  ".join(conflicts) +
+                "\nMove these folders away (or use another nnUNet_results) to retrain them, or, if they were "
+                "trained on exactly the current splits_final.json folds, rerun with --adopt-existing.")
+        for run in self.runs:
+            if self.is_claimed(run):
+                continue
+            has_checkpoint = any((self.training_folder(run) / c).is_file()
+                                 for c in ("checkpoint_final.pth", "checkpoint_latest.pth"))
+            # our derived files of an earlier claim are stale: remove them (never the training folder)
+            shutil.rmtree(self.predictions_folder(run), ignore_errors=True)
+            (self.run_folder(run) / "result.json").unlink(missing_ok=True)
+            _write_json({**run.describe(), "split_digest": _digest(run.split), "split": run.split,
+                         "training_folder": str(self.training_folder(run)), "adopted": has_checkpoint},
+                        self.run_folder(run) / "run.json")
+
+    def verify_prepared(self) -> None:
+        """For --run jobs: everything must have been prepared by a plain or --print-commands call before."""
+        problems = []
+        if self.splits_status() != "same":
+            problems.append(f"{self.splits_file} does not hold this benchmark's folds")
+        record = self.output / "test_data" / "cases.json"
+        if not record.is_file() or _load_json(record) != self.test_cases:
+            problems.append(f"{self.output / 'test_data'} does not hold this benchmark's test cases")
+        problems += [f"run {r.run_id} is not recorded in {self.run_folder(r) / 'run.json'}" for r in self.runs
+                     if not self.is_claimed(r)][:1]
+        if problems:
+            raise BenchmarkError("; ".join(problems) + ". Run the same command without --run (or with "
+                                 "--print-commands) first: it prepares splits and test data once for all jobs.")
+
+    # ------------------------------------------------------------------------------------------ status
+    def status(self, run: Run) -> str:
+        final = self.training_folder(run) / "checkpoint_final.pth"
+        result_file = self.run_folder(run) / "result.json"
+        if final.is_file():
+            if result_file.is_file():
+                result = _load_json(result_file)
+                if (result.get("checkpoint") == self._checkpoint_signature(final) and
+                        result.get("split_digest") == _digest(run.split)):
+                    return FINISHED
+            return PREDICT
+        if (self.training_folder(run) / "checkpoint_latest.pth").is_file():
+            return RESUME
+        return TRAIN
+
+    @staticmethod
+    def _checkpoint_signature(path: Path) -> dict:
+        stat = path.stat()
+        return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    # ------------------------------------------------------------------------------------------ commands
+    def train_command(self, run: Run, resume: bool = False) -> List[str]:
+        return ["nnUNetv2_train", str(self.dataset_id), self.settings.configuration, str(run.fold), "-tr",
+                run.trainer, "-p", self.settings.plans, "-device", self.settings.device] + (["--c"] if resume else [])
+
+    def predict_command(self, run: Run) -> List[str]:
+        n = str(self.settings.num_processes)
+        return ["nnUNetv2_predict", "-i", str(self.test_images), "-o", str(self.predictions_folder(run)),
+                "-d", str(self.dataset_id), "-c", self.settings.configuration, "-p", self.settings.plans,
+                "-tr", run.trainer, "-f", str(run.fold), "-chk", "checkpoint_final.pth",
+                "-device", self.settings.device, "-npp", n, "-nps", n, "--disable_progress_bar"]
+
+    def _run_command(self, cmd: List[str], log_file: Path, show_progress: bool = False) -> float:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(log_file, "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen([_command_path(cmd[0]), *cmd[1:]], env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                log.write(line)
+                if show_progress and any(m in line for m in PROGRESS_MARKERS):
+                    print("      " + line.strip(), flush=True)
+            rc = proc.wait()
+        if rc != 0:
+            tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
+            raise BenchmarkError(f"'{' '.join(cmd)}' failed (exit code {rc}); full output in {log_file}. Rerun the "
+                                 f"benchmark to resume. Last lines:\n{tail}")
+        return time.time() - t0
+
+    # ------------------------------------------------------------------------------------------ execution
+    def execute(self, runs: Optional[List[Run]] = None) -> List[dict]:
+        """Train, predict and evaluate every run that is not finished; returns the result of every run."""
+        from nnunet_foundation.benchmark.machine import machine_info
+
+        runs = self.runs if runs is None else runs
+        started = time.time()
+        machine = machine_info(self.settings.device)
+        results = []
+        for k, run in enumerate(runs, 1):
+            head = f"[{k}/{len(runs)}] {run.run_id}"
+            status = self.status(run)
+            if status == FINISHED:
+                print(f"{head}: finished earlier, skipped", flush=True)
+                results.append(_load_json(self.run_folder(run) / "result.json"))
+                continue
+            t_run = time.time()
+            timings = {}
+            logs = self.output / "logs"
+            if status in (TRAIN, RESUME):
+                verb = "resuming training (--c)" if status == RESUME else "training"
+                print(f"{head}: {verb}: fold {run.fold}, {run.trainer}, {len(run.split['train'])} labeled"
+                      + (f" + {len(run.split['unlabeled'])} unlabeled" if run.role == SSL else "")
+                      + f" cases, {self.budget.description}", flush=True)
+                timings["train_wall_s"] = self._run_command(self.train_command(run, status == RESUME),
+                                                            logs / f"{run.run_id}.train.log", show_progress=True)
+                if not (self.training_folder(run) / "checkpoint_final.pth").is_file():
+                    raise BenchmarkError(f"{run.trainer} finished without {self.training_folder(run)}/"
+                                         f"checkpoint_final.pth; see {logs / (run.run_id + '.train.log')}")
+            else:
+                print(f"{head}: trained earlier ({self.training_folder(run)}), predicting", flush=True)
+            shutil.rmtree(self.predictions_folder(run), ignore_errors=True)  # ours; a partial one is useless
+            timings["predict_wall_s"] = self._run_command(self.predict_command(run),
+                                                          logs / f"{run.run_id}.predict.log")
+            result = self._evaluate(run, timings, machine)
+            fg = result["evaluation"]["foreground_mean"]
+            print(f"{head}: Dice {fg['Dice']['mean']:.3f}, HD95 {fg['HD95']['mean']:.2f} mm, NSD "
+                  f"{fg['NSD']['mean']:.3f} on {len(self.test_cases)} test cases ({_minutes(time.time() - t_run)} "
+                  f"for this run, {_minutes(time.time() - started)} elapsed)", flush=True)
+            results.append(result)
+        return results
+
+    def _evaluate(self, run: Run, timings: dict, machine: dict) -> dict:
+        from nnunet_foundation.evaluation import EvaluationError, evaluate_folder, parse_tolerance
+
+        try:
+            evaluation = evaluate_folder(str(self.test_labels), str(self.predictions_folder(run)), self.dataset_json,
+                                         tolerance=parse_tolerance(self.settings.tolerance),
+                                         num_processes=self.settings.num_processes)
+        except EvaluationError as e:
+            raise BenchmarkError(f"{run.run_id}: {e}") from None
+        final = self.training_folder(run) / "checkpoint_final.pth"
+        result = {"run": run.describe(), "split_digest": _digest(run.split),
+                  "training_folder": str(self.training_folder(run)),
+                  "checkpoint": self._checkpoint_signature(final),
+                  "num_unlabeled_extra": self.extra_unlabeled_cases() if run.role == SSL else 0,
+                  "training": training_log(final), "timings": timings, "machine": machine,
+                  "evaluation": evaluation}
+        _write_json(result, self.run_folder(run) / "result.json")
+        return result
+
+    def finished_results(self) -> Tuple[List[dict], List[Run]]:
+        """Results of the finished runs, and the runs still missing (for --report-only)."""
+        done, missing = [], []
+        for run in self.runs:
+            if self.status(run) == FINISHED:
+                done.append(_load_json(self.run_folder(run) / "result.json"))
+            else:
+                missing.append(run)
+        return done, missing
+
+    # ------------------------------------------------------------------------------------------ printing
+    def plan_table(self) -> str:
+        lines = ["| # | run | fold | role | trainer | labeled | unlabeled | val | status |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for k, run in enumerate(self.runs, 1):
+            unlabeled = len(run.split["unlabeled"]) if run.role == SSL else 0
+            why = self.conflict(run)
+            status = f"refused: {self.training_folder(run)} {why}" if why else self.status(run)
+            lines.append(f"| {k} | {run.run_id} | {run.fold} | {run.role} | {run.trainer} | {len(run.split['train'])} "
+                         f"| {unlabeled} | {len(run.split['val'])} | {status} |")
+        return "\n".join(lines)
+
+    def job_script(self) -> str:
+        """A shell script: one self-contained job line per unfinished run (train, predict, evaluate), then the
+        command that writes the report once all jobs are done."""
+        import shlex
+
+        lines = ["#!/bin/bash",
+                 f"# {len(self.runs)} runs of the label-scarcity benchmark of {self.dataset_name} "
+                 f"({self.settings.configuration}, budget '{self.settings.budget}': {self.budget.description}).",
+                 "# Splits and test data are prepared; submit each command below as one job (any order, in "
+                 "parallel), then run the last line.", ""]
+        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+            if self.env.get(key):
+                lines.append(f"export {key}={shlex.quote(self.env[key])}")
+        lines.append("")
+        base = self.settings.command_args(str(self.output))
+        for k, run in enumerate(self.runs, 1):
+            status = self.status(run)
+            if status == FINISHED:
+                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: finished")
+                continue
+            lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.train_command(run))}, then "
+                         f"nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
+            lines.append(shlex.join(["nnunet-foundation", *base, "--run", run.run_id]))
+        lines += ["", "# when all jobs are done: the report (trains nothing that is finished)",
+                  shlex.join(["nnunet-foundation", *base])]
+        return "\n".join(lines)
+
+    def find_run(self, run_id: str) -> Run:
+        for run in self.runs:
+            if run.run_id == run_id:
+                return run
+        raise BenchmarkError(f"no run '{run_id}' in this benchmark; runs: {', '.join(r.run_id for r in self.runs)}")
+
+
+def training_log(checkpoint_file: Path) -> dict:
+    """Per-epoch curves (train/val loss, pseudo Dice, learning rate, SSL terms) from nnU-Net's checkpoint log."""
+    import math
+
+    import torch
+
+    try:
+        checkpoint = torch.load(str(checkpoint_file), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a report without curves beats no report
+        return {"error": f"could not read {checkpoint_file}: {e}"}
+    log = checkpoint.get("logging", {}) or {}
+    curves = {}
+    for key, values in log.items():
+        if key == "dice_per_class_or_region" or not isinstance(values, (list, tuple)):
+            continue
+        try:
+            curves[key] = [float(v) for v in values]
+        except (TypeError, ValueError):
+            continue
+    starts, ends = curves.get("epoch_start_timestamps", []), curves.get("epoch_end_timestamps", [])
+    epoch_seconds = [e - s for s, e in zip(starts, ends)]
+    for key in ("epoch_start_timestamps", "epoch_end_timestamps"):
+        curves.pop(key, None)
+    return {"epochs": len(epoch_seconds), "seconds": float(sum(epoch_seconds)),
+            "seconds_per_epoch": float(sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else math.nan,
+            "trainer": checkpoint.get("trainer_name"), "curves": curves}

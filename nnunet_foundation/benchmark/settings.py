@@ -1,0 +1,112 @@
+"""What a benchmark is: its settings, its runs, and the command line that reproduces it."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+#: roles of a run; each fold of labeled count n gets LOWER and every SSL trainer, each seed one UPPER run
+LOWER, SSL, UPPER = "labeled-only", "semi-supervised", "fully supervised"
+#: the stock trainer that gives both bounds (with the budget suffix)
+STOCK_TRAINER = "nnUNetTrainer"
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark cannot go on; the message names the file or option and the fix. Nothing was destroyed."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    dataset: str
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    labeled: Tuple[int, ...] = (2, 4)
+    seeds: Tuple[int, ...] = (0,)
+    trainers: Tuple[str, ...] = ("nnUNetTrainerMeanTeacher",)
+    budget: str = "cpu500"
+    num_val: int = 2
+    test_cases: int = 20
+    test_list: Optional[str] = None
+    test_seed: int = 0
+    tolerance: Tuple[str, ...] = ()  # as given on the command line ('1.0' or 'CLASS=MM'); empty = 1 mm
+    device: str = "cpu"
+    output: str = "benchmark"
+    num_processes: int = 1  # nnUNetv2_predict -npp/-nps and evaluation workers
+
+    def normalised(self) -> "BenchmarkSettings":
+        """Sorted, de-duplicated lists and trainer names without a budget suffix, so equal studies compare equal."""
+        from nnunet_foundation.training.budgets import BUDGETS
+
+        if self.budget not in BUDGETS:
+            raise BenchmarkError(f"unknown budget '{self.budget}'; choose one of: {', '.join(BUDGETS)} "
+                                 f"(see nnunet_foundation/training/budgets.py)")
+        trainers: List[str] = []
+        for name in self.trainers:
+            base = name[:-len(self.budget) - 1] if name.endswith("_" + self.budget) else name
+            if base == STOCK_TRAINER:
+                raise BenchmarkError(f"{STOCK_TRAINER} always runs (labeled-only lower bound and fully supervised "
+                                     f"upper bound); list only the semi-supervised trainers in --trainers.")
+            if base not in trainers:
+                trainers.append(base)
+        if not trainers:
+            raise BenchmarkError("give at least one semi-supervised trainer (--trainers nnUNetTrainerMeanTeacher)")
+        if any(n < 1 for n in self.labeled) or not self.labeled:
+            raise BenchmarkError("--labeled needs one or more counts of at least 1 labeled case")
+        if not self.seeds:
+            raise BenchmarkError("--seeds needs at least one seed")
+        if self.test_list is None and self.test_cases < 1:
+            raise BenchmarkError("the benchmark reports on held-out cases only: --test-cases must be at least 1 "
+                                 "(or give --test-list)")
+        if self.device not in ("cpu", "cuda", "mps"):
+            raise BenchmarkError(f"--device must be cpu, cuda or mps, not {self.device!r}")
+        return BenchmarkSettings(**{**asdict(self), "labeled": tuple(sorted(set(self.labeled))),
+                                    "seeds": tuple(dict.fromkeys(self.seeds)), "trainers": tuple(trainers),
+                                    "tolerance": tuple(self.tolerance)})
+
+    def trainer_class(self, base: str) -> str:
+        return f"{base}_{self.budget}"
+
+    def command_args(self, output: str) -> List[str]:
+        """Arguments of ``nnunet-foundation benchmark`` that reproduce these settings (output made absolute)."""
+        args = ["benchmark", "-d", self.dataset, "-c", self.configuration, "-p", self.plans,
+                "--labeled", *map(str, self.labeled), "--seeds", *map(str, self.seeds),
+                "--trainers", *self.trainers, "--budget", self.budget, "--num-val", str(self.num_val)]
+        if self.test_list:
+            args += ["--test-list", self.test_list]
+        else:
+            args += ["--test-cases", str(self.test_cases), "--test-seed", str(self.test_seed)]
+        if self.tolerance:
+            args += ["--tolerance", *self.tolerance]
+        args += ["--device", self.device, "-np", str(self.num_processes), "--output", output]
+        return args
+
+    def command(self, output: str) -> str:
+        return shlex.join(["nnunet-foundation", *self.command_args(output)])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training + test-set prediction + evaluation."""
+    role: str
+    trainer: str  # class name with budget suffix
+    method: str  # class name without the budget suffix
+    fold: int
+    seed: int
+    num_labeled: Optional[int]  # None for the fully supervised run
+    split: dict = field(compare=False, repr=False)  # the fold: train / val / unlabeled lists
+
+    @property
+    def run_id(self) -> str:
+        labeled = "all" if self.num_labeled is None else str(self.num_labeled)
+        return f"labeled-{labeled}_seed-{self.seed}_{self.trainer}"
+
+    @property
+    def column(self) -> str:
+        """Report column: the labeled count, or 'all' for the fully supervised run."""
+        return "all" if self.num_labeled is None else str(self.num_labeled)
+
+    def describe(self) -> dict:
+        return {"run_id": self.run_id, "role": self.role, "trainer": self.trainer, "method": self.method,
+                "fold": self.fold, "seed": self.seed, "num_labeled": self.num_labeled,
+                "num_train": len(self.split["train"]), "num_val": len(self.split["val"]),
+                "num_unlabeled_from_split": len(self.split.get("unlabeled", []))}

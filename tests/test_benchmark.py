@@ -1,0 +1,303 @@
+"""The one-command benchmark end to end on generated data with the `smoke` budget: held-out test set, reports whose
+numbers agree with the per-case evaluation, resuming without retraining, refusing to mix splits or foreign
+trainings, and the cluster flow (--print-commands, --run, --report-only)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SYNTHETIC_ID, SYNTHETIC_NAME, copy_nnunet_tree, run_cli, tree_digest
+from nnunet_foundation.benchmark import Benchmark, BenchmarkError, BenchmarkSettings
+from nnunet_foundation.benchmark.runner import FINISHED, PREDICT, RESUME, TRAIN
+from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER
+from nnunet_foundation.evaluation import gap_closed
+
+e2e = pytest.mark.e2e
+
+CONFIGURATION = "3d_fullres"
+BENCHMARK_ARGS = ["nnunet-foundation", "benchmark", "-d", SYNTHETIC_ID, "-c", CONFIGURATION, "--labeled", 2, 4,
+                  "--seeds", 0, "--num-val", 2, "--test-cases", 2, "--trainers", "nnUNetTrainerMeanTeacher",
+                  "--budget", "smoke", "--device", "cpu"]
+RUN_IDS = ["labeled-2_seed-0_nnUNetTrainer_smoke", "labeled-2_seed-0_nnUNetTrainerMeanTeacher_smoke",
+           "labeled-4_seed-0_nnUNetTrainer_smoke", "labeled-4_seed-0_nnUNetTrainerMeanTeacher_smoke",
+           "labeled-all_seed-0_nnUNetTrainer_smoke"]
+
+
+# ------------------------------------------------------------------------------ fast: planning, state, safety
+@pytest.fixture
+def make_benchmark(nnunet_tree, monkeypatch, tmp_path):
+    """Benchmark objects on a private copy of the planned synthetic dataset (nothing trains)."""
+    root, env = nnunet_tree
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, env[key])
+
+    def make(adopt_existing=False, **overrides):
+        settings = dict(dataset=str(SYNTHETIC_ID), configuration=CONFIGURATION, labeled=(2, 4), seeds=(0, 1),
+                        test_cases=2, budget="smoke", output=str(tmp_path / "out"))
+        settings.update(overrides)
+        return Benchmark(BenchmarkSettings(**settings), adopt_existing=adopt_existing)
+
+    make.env = env
+    return make
+
+
+def test_plan_has_both_bounds_and_every_ssl_trainer_per_fold(make_benchmark):
+    bench = make_benchmark(trainers=("nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS_smoke"))  # suffix is optional
+    assert len(bench.runs) == 2 * (2 * 3 + 1) and len(bench.folds) == 6
+    assert len({r.run_id for r in bench.runs}) == len({bench.training_folder(r) for r in bench.runs}) == 14
+    for run in bench.runs:
+        fold = bench.folds[run.fold]
+        assert run.split == fold
+        if run.role == UPPER:
+            assert run.trainer == "nnUNetTrainer_smoke" and fold["unlabeled"] == [] and run.num_labeled is None
+        else:
+            assert len(fold["train"]) == run.num_labeled
+            assert run.trainer == ("nnUNetTrainer_smoke" if run.role == LOWER else f"{run.method}_smoke")
+    assert sorted(r.method for r in bench.runs if r.role == SSL and r.fold == 0) == \
+        ["nnUNetTrainerCPS", "nnUNetTrainerMeanTeacher"]
+    # the command written into job scripts and reports reproduces exactly these settings
+    from nnunet_foundation.cli import build_parser
+
+    args = build_parser().parse_args(bench.settings.command_args("/somewhere"))
+    assert (tuple(args.labeled), tuple(args.seeds), tuple(args.trainers), args.budget, args.test_cases) == \
+        ((2, 4), (0, 1), ("nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS"), "smoke", 2)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(budget="fast"), "unknown budget"),
+    (dict(trainers=("nnUNetTrainer",)), "always runs"),
+    (dict(test_cases=0), "held-out cases only"),
+    (dict(labeled=(0, 2)), "at least 1"),
+    (dict(labeled=(8,)), "leave no unlabeled case"),
+    (dict(configuration="3d_lowres"), "not in"),
+    (dict(dataset="977"), "not found"),
+])
+def test_bad_settings_fail_before_anything_is_written(make_benchmark, tmp_path, overrides, message):
+    with pytest.raises(BenchmarkError, match=message):
+        make_benchmark(**overrides)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_states_follow_the_files_and_resume_with_c(make_benchmark):
+    bench = make_benchmark()
+    bench.prepare()
+    run = bench.runs[0]
+    folder = bench.training_folder(run)
+    assert bench.status(run) == TRAIN and "--c" not in bench.train_command(run)
+    folder.mkdir(parents=True)
+    (folder / "checkpoint_latest.pth").write_bytes(b"interrupted")
+    assert bench.status(run) == RESUME and bench.train_command(run, resume=True)[-1] == "--c"
+    (folder / "checkpoint_final.pth").write_bytes(b"trained")
+    assert bench.status(run) == PREDICT
+    result = {"checkpoint": bench._checkpoint_signature(folder / "checkpoint_final.pth"),
+              "split_digest": json.loads((bench.run_folder(run) / "run.json").read_text())["split_digest"]}
+    (bench.run_folder(run) / "result.json").write_text(json.dumps(result))
+    assert bench.status(run) == FINISHED
+    (folder / "checkpoint_final.pth").write_bytes(b"retrained, other size")  # a new model: evaluate again
+    assert bench.status(run) == PREDICT
+
+
+def test_trainings_of_unknown_origin_are_refused_until_adopted(make_benchmark):
+    bench = make_benchmark()
+    foreign = bench.training_folder(bench.runs[0])
+    foreign.mkdir(parents=True)
+    (foreign / "checkpoint_final.pth").write_bytes(b"someone else's")
+    with pytest.raises(BenchmarkError, match="--adopt-existing") as info:
+        bench.prepare()
+    assert str(foreign) in str(info.value) and not (bench.output / "runs").exists()  # nothing claimed
+    assert "refused" in bench.plan_table()  # --dry-run shows it too
+    adopted = make_benchmark(adopt_existing=True)
+    adopted.prepare()
+    assert adopted.status(adopted.runs[0]) == PREDICT and (foreign / "checkpoint_final.pth").read_bytes() == \
+        b"someone else's"
+
+
+def test_replaced_splits_make_old_trainings_stale_and_keep_a_backup(make_benchmark):
+    bench = make_benchmark(seeds=(0,))
+    bench.prepare()
+    trained = bench.training_folder(bench.runs[2])  # fold 1: 4 labeled, seed 0
+    trained.mkdir(parents=True)
+    (trained / "checkpoint_final.pth").write_bytes(b"model")
+    other = make_benchmark(seeds=(0,), labeled=(2, 3))
+    with pytest.raises(BenchmarkError, match="--force"):
+        other.prepare()
+    assert json.loads(bench.splits_file.read_text()) == bench.folds
+    with pytest.raises(BenchmarkError, match="fold_1"):  # fold 1 is now 3 labeled: the 4-labeled model is stale
+        other.prepare(force=True)
+    assert len(list(bench.preprocessed.glob("splits_final.json.*.bak"))) == 1
+    assert (trained / "checkpoint_final.pth").read_bytes() == b"model"  # never deleted
+
+
+def test_job_script_has_one_self_contained_job_per_run(make_benchmark):
+    bench = make_benchmark()
+    bench.prepare()
+    script = bench.job_script()
+    jobs = [line for line in script.splitlines() if line.startswith("nnunet-foundation") and "--run" in line]
+    assert [shlex.split(j)[-1] for j in jobs] == [r.run_id for r in bench.runs]
+    assert f"export nnUNet_preprocessed={make_benchmark.env['nnUNet_preprocessed']}" in script
+    assert "nnunet-foundation benchmark" in script.splitlines()[-1] and "--run" not in script.splitlines()[-1]
+    bench.verify_prepared()  # what a job checks first
+
+
+# ------------------------------------------------------------------------------ end to end: real trainings
+@pytest.fixture(scope="module")
+def benchmark(synthetic_dataset, tmp_path_factory):
+    """One benchmark run (5 smoke trainings) on a private copy of the synthetic tree, shared by this module."""
+    root = tmp_path_factory.mktemp("benchmark") / "tree"
+    env = copy_nnunet_tree(synthetic_dataset, root)
+    raw_before = tree_digest(Path(env["nnUNet_raw"]))
+    out = root.parent / "out"
+    proc = run_cli(BENCHMARK_ARGS + ["--output", out], env, timeout=1200)
+    return {"root": root, "env": env, "out": out, "proc": proc, "raw_before": raw_before,
+            "preprocessed": Path(env["nnUNet_preprocessed"]) / SYNTHETIC_NAME,
+            "results_dir": Path(env["nnUNet_results"]) / SYNTHETIC_NAME}
+
+
+def checkpoints(results_dir: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(results_dir.rglob("checkpoint_final.pth"))}
+
+
+@e2e
+def test_held_out_test_set_is_in_no_fold_and_folds_have_the_promised_sizes(benchmark):
+    pre, out = benchmark["preprocessed"], benchmark["out"]
+    folds = json.loads((pre / "splits_final.json").read_text())
+    test = json.loads((pre / "test_split.json").read_text())
+    all_cases = sorted(p.name[:-len(".nii.gz")] for p in (benchmark["root"] / "nnUNet_raw" / SYNTHETIC_NAME /
+                                                          "labelsTr").glob("*.nii.gz"))
+    assert len(test) == 2 and set(test) <= set(all_cases)
+    assert len(folds) == 3  # 2 labeled, 4 labeled, all labeled (seed 0)
+    for fold in folds:
+        assert not set(test) & (set(fold["train"]) | set(fold["val"]) | set(fold["unlabeled"]))
+        assert not set(fold["train"]) & set(fold["unlabeled"]) and not set(fold["val"]) & set(fold["train"])
+    two, four, full = folds
+    assert (len(two["train"]), len(four["train"])) == (2, 4) and set(two["train"]) < set(four["train"])
+    assert full["unlabeled"] == [] and set(full["train"]) == set(all_cases) - set(test) - set(full["val"])
+    # the test images given to nnUNetv2_predict are exactly the held-out cases; the raw dataset was only read
+    assert sorted(p.name[:-len(".nii.gz")] for p in (out / "test_data" / "labelsTs").iterdir()) == test
+    assert sorted(p.name for p in (out / "test_data" / "imagesTs").iterdir()) == [f"{c}_0000.nii.gz" for c in test]
+    assert tree_digest(Path(benchmark["env"]["nnUNet_raw"])) == benchmark["raw_before"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_cases"] == test
+    for run in results["runs"]:
+        assert sorted(c["case"] for c in run["evaluation"]["per_case"]) == test
+    # every training really used its fold: nnU-Net logs the split sizes it trained and validated on
+    sizes = {"labeled-2": 2, "labeled-4": 4, "labeled-all": len(full["train"])}
+    for run_id in RUN_IDS:
+        log = (out / "logs" / f"{run_id}.train.log").read_text()
+        assert f"This split has {sizes[run_id.split('_')[0]]} training and 2 validation cases" in log
+
+
+def _cell_mean(cell: str) -> float:
+    return float(cell.split("±")[0].strip())
+
+
+@e2e
+def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
+    out = benchmark["out"]
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    for png in ("dice_vs_labeled.png", "nsd_hd95_vs_labeled.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000
+        assert f"]({png})" in report
+    assert sorted(r["run"]["run_id"] for r in results["runs"]) == sorted(RUN_IDS)
+    assert results["missing_runs"] == [] and results["budget"]["name"] == "smoke"
+    assert results["budget"]["total_iterations"] == 8 and results["seeds"] == [0]
+    assert results["machine"]["report"]["torch"] and results["machine"]["report"]["nnunetv2"]
+    assert "nnunet-foundation benchmark -d 900" in report and "2 epochs x 4 iterations" in report
+
+    runs = {r["run"]["run_id"]: r for r in results["runs"]}
+    # per-run evaluation file == the run in results.json; aggregates == recomputed from per-case numbers
+    for run_id, r in runs.items():
+        assert json.loads((out / "runs" / run_id / "result.json").read_text())["evaluation"] == r["evaluation"]
+        assert r["training"]["epochs"] == 2 and len(r["training"]["curves"]["train_losses"]) == 2
+    assert "unsup_loss" in runs[RUN_IDS[1]]["training"]["curves"]  # SSL terms of the Mean Teacher log
+    table = {}
+    for line in report.split("## Dice\n", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0].startswith("nnUNetTrainer"):
+            table[cells[0].split(" ")[0]] = cells[1:]
+    assert set(table) == {"nnUNetTrainer_smoke", "nnUNetTrainerMeanTeacher_smoke"}
+    for trainer, columns in (("nnUNetTrainer_smoke", ["2", "4", "all"]), ("nnUNetTrainerMeanTeacher_smoke", ["2", "4"])):
+        for i, column in enumerate(columns):
+            run_id = f"labeled-{column}_seed-0_{trainer}"
+            per_case = [np.mean([m["Dice"] for m in c["metrics"].values()])
+                        for c in runs[run_id]["evaluation"]["per_case"]]
+            aggregate = results["aggregates"][trainer][column]["foreground_mean"]["Dice"]
+            assert aggregate["mean"] == pytest.approx(np.mean(per_case))
+            assert aggregate["std_over_cases"] == pytest.approx(np.std(per_case, ddof=1))
+            assert _cell_mean(table[trainer][i]) == pytest.approx(aggregate["mean"], abs=5e-4)
+    # gap closed = (ssl - lower) / (upper - lower) on the runs' means
+    mean = {k: v["evaluation"]["foreground_mean"]["Dice"]["mean"] for k, v in runs.items()}
+    for n in ("2", "4"):
+        expected = gap_closed(mean[f"labeled-{n}_seed-0_nnUNetTrainerMeanTeacher_smoke"],
+                              mean[f"labeled-{n}_seed-0_nnUNetTrainer_smoke"], mean[RUN_IDS[4]])
+        got = results["gap_closed"]["nnUNetTrainerMeanTeacher_smoke"][n]["Dice"]["per_seed"]["0"]
+        assert (math.isnan(expected) and got is None or math.isnan(got)) if math.isnan(expected) else \
+            got == pytest.approx(expected)
+
+
+@e2e
+def test_rerun_skips_finished_runs_and_trains_nothing(benchmark):
+    before = checkpoints(benchmark["results_dir"])
+    results_before = (benchmark["out"] / "results.json").read_text()
+    assert len(before) == 5
+    proc = run_cli(BENCHMARK_ARGS + ["--output", benchmark["out"]], benchmark["env"])
+    assert proc.stdout.count("finished earlier, skipped") == 5
+    assert "training:" not in proc.stdout and "nnUNetv2_train" not in proc.stdout
+    assert checkpoints(benchmark["results_dir"]) == before
+    # same numbers; only the machine/command record may be rewritten
+    assert json.loads((benchmark["out"] / "results.json").read_text())["aggregates"] == \
+        json.loads(results_before)["aggregates"]
+
+
+@e2e
+def test_other_split_options_are_refused_without_force(benchmark):
+    splits = benchmark["preprocessed"] / "splits_final.json"
+    content = splits.read_text()
+    args = [a if a != 4 else 3 for a in BENCHMARK_ARGS]  # --labeled 2 3: other folds
+    proc = run_cli(args + ["--output", benchmark["out"]], benchmark["env"], check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert splits.read_text() == content
+    # an output folder that is not a benchmark folder is never written into
+    foreign = benchmark["root"].parent / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    proc = run_cli(BENCHMARK_ARGS + ["--output", foreign], benchmark["env"], check=False)
+    assert proc.returncode == 2 and "not a benchmark folder" in proc.stderr
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+@e2e
+def test_dry_run_writes_nothing(benchmark):
+    fresh = benchmark["root"].parent / "dry"
+    proc = run_cli(BENCHMARK_ARGS + ["--output", fresh, "--dry-run"], benchmark["env"])
+    assert not fresh.exists()
+    assert "splits_final.json: same" in proc.stdout and proc.stdout.count("| train |") == 0  # all trained
+
+
+@e2e
+def test_cluster_flow_refuses_unknown_trainings_then_adopts_runs_one_job_and_reports(benchmark):
+    env, out2 = benchmark["env"], benchmark["root"].parent / "out2"
+    before = checkpoints(benchmark["results_dir"])
+    # a new output folder does not know the trainings in nnUNet_results: their split is unknown -> refused
+    proc = run_cli(BENCHMARK_ARGS + ["--output", out2, "--print-commands"], env, check=False)
+    assert proc.returncode == 2 and "--adopt-existing" in proc.stderr and "fold_0" in proc.stderr
+    proc = run_cli(BENCHMARK_ARGS + ["--output", out2, "--print-commands", "--adopt-existing"], env)
+    jobs = [line for line in proc.stdout.splitlines() if line.startswith("nnunet-foundation") and "--run" in line]
+    assert len(jobs) == 5 and "export nnUNet_results=" in proc.stdout
+    # one job line, as a cluster would run it: predicts and evaluates (the training exists), trains nothing
+    job = shlex.split(jobs[1])
+    assert job[job.index("--run") + 1] == RUN_IDS[1]
+    proc = run_cli(job, env)
+    assert "trained earlier" in proc.stdout and (out2 / "runs" / RUN_IDS[1] / "result.json").is_file()
+    proc = run_cli(BENCHMARK_ARGS + ["--output", out2, "--report-only"], env)
+    results = json.loads((out2 / "results.json").read_text())
+    assert [r["run"]["run_id"] for r in results["runs"]] == [RUN_IDS[1]]
+    assert len(results["missing_runs"]) == 4 and "Incomplete" in (out2 / "report.md").read_text()
+    assert checkpoints(benchmark["results_dir"]) == before
