@@ -34,6 +34,9 @@ BUDGETS = {
     "cpu200": Budget(20, 10, 2, batch_size=2, description="20 epochs x 10 iterations, batch 2 (short CPU benchmark)"),
     # a CPU benchmark: 500 iterations at batch 2 (about 10-15 min per 3d_fullres run on 2 cores for Hippocampus)
     "cpu500": Budget(20, 25, 5, batch_size=2, description="20 epochs x 25 iterations, batch 2 (CPU benchmark)"),
+    # a short GPU benchmark: 1000 iterations at the plan's batch size (Hippocampus: ~15 min for 7 runs sharing one
+    # GPU and 16 CPU cores, where data augmentation on the CPU is the bottleneck)
+    "gpu1k": Budget(20, 50, 10, description="20 epochs x 50 iterations, plan batch size (short GPU benchmark)"),
     # a quick GPU study: 10k iterations at the plan's batch size
     "gpu10k": Budget(40, 250, 50, description="40 epochs x 250 iterations, plan batch size (quick GPU study)"),
     # nnU-Net's own epoch-count names (250 iterations each, plan batch size)
