@@ -1,0 +1,293 @@
+"""Configuration of a generalist and the backend registry.
+
+A trainer describes its generalist with a plain dict (JSON), typically from the settings mechanism (environment
+variable ``nnUNet_ssl_generalist`` holding JSON or the path of a JSON file)::
+
+    {"backend": "sam", "model_type": "vit_b", "checkpoint": "checkpoints/sam_vit_b_01ec64.pth", "num_points": 3}
+
+:func:`build_generalist` turns it (or a list of them, for SemiSAM+-style ensembles) into modules. Backends are
+imported only there, so importing this module never imports ``segment_anything`` or ``sam2``; when the package of
+a requested backend is missing, :class:`MissingBackendError` says which ``pip install`` command fixes it.
+
+New backends (e.g. a volumetric SAM-Med3D, which has no installable package) plug in with
+:func:`register_backend`; see ``docs/foundation.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from nnunet_foundation.foundation.prompts import PromptSettings
+
+SAM_INSTALL = 'pip install -e ".[sam]"  (installs segment-anything==1.0)'
+SAM2_INSTALL = "SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0"
+
+SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+SAM2_MODEL_TYPES = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l", "tiny")
+BACKGROUND_MODES = ("max", "union", "renormalize")
+
+
+class MissingBackendError(ImportError):
+    """The Python package of a configured backend (segment_anything, sam2) is not installed."""
+
+
+class GeneralistConfigError(ValueError):
+    """A generalist configuration is invalid (unknown key, bad value, inconsistent options)."""
+
+
+@dataclass
+class GeneralistConfig:
+    """Which foundation model a trainer uses as generalist, and how it is prompted.
+
+    Model
+        backend: ``"sam"``, ``"medsam"``, ``"sam2"`` (image mode, slice by slice), ``"sam2_video"`` (propagation
+            through the volume from key slices), or a name added with :func:`register_backend`.
+        model_type: SAM ``vit_b``/``vit_l``/``vit_h``; MedSAM ``vit_b``; SAM2 ``hiera_t``/``hiera_s``/``hiera_b+``/
+            ``hiera_l``; ``tiny`` for the small test models of :mod:`nnunet_foundation.foundation.tiny`.
+            ``None`` picks the backend default (``vit_b`` / ``hiera_t``).
+        checkpoint: local checkpoint file (required unless ``allow_random_init``).
+        allow_random_init: permit running without a checkpoint (benchmarks only: random weights are no teacher).
+    Slicing
+        axis: spatial axis of 3D patches to slice along (0 = D, 1 = H, 2 = W); ``None`` = the lowest-resolution
+            axis of ``spacing`` if given, else 0.
+        spacing: voxel spacing of the patches (D, H, W), used only to choose the axis.
+        image_channel: which input channel (modality) feeds the generalist.
+        stitch: tile several slices into one model input (SFR-style) to cut encoder calls.
+        stitch_grid: tiles per side when stitching; ``None`` = as many as fit without downscaling (at most 4).
+        encoder_batch_size: images per image-encoder call.
+        cache_embeddings / cache_size_mb: LRU cache of image embeddings for un-augmented inputs (used when
+            ``forward`` receives ``cache_keys``; not with stitching).
+    Prompts (see :mod:`nnunet_foundation.foundation.prompts`)
+        num_points, num_negative_points, use_box, box_mode (``"union"``/``"largest"``), box_jitter (pixels),
+        use_mask_prompt, fg_threshold, bg_threshold, point_selection (``"max_distance"``/``"uncertainty"``),
+        min_component_size, seed (of the jitter generator).
+    Output
+        background: how the background map is formed from the foreground maps: ``"max"`` (1 - max),
+            ``"union"`` (product of 1 - p), ``"renormalize"`` (1 - max, then all maps divided by their sum).
+    Adaptation (see :mod:`nnunet_foundation.foundation.lora`)
+        lora_rank: LoRA rank on the image encoder's q and v projections (0 = off); lora_alpha: LoRA scaling.
+        train_decoder: make the prompt encoder and mask decoder trainable.
+        multiclass_head: add a prompt-free multi-class decoder head (SAMed/SynFoC style); needs ``num_classes``.
+        num_classes: number of classes including background (for the head).
+    """
+
+    backend: str = "sam"
+    model_type: Optional[str] = None
+    checkpoint: Optional[str] = None
+    allow_random_init: bool = False
+    axis: Optional[int] = None
+    spacing: Optional[Tuple[float, ...]] = None
+    image_channel: int = 0
+    num_points: int = 1
+    num_negative_points: int = 0
+    use_box: bool = True
+    box_mode: str = "union"
+    box_jitter: int = 0
+    use_mask_prompt: bool = False
+    fg_threshold: float = 0.5
+    bg_threshold: float = 0.9
+    point_selection: str = "max_distance"
+    min_component_size: int = 1
+    seed: int = 0
+    stitch: bool = False
+    stitch_grid: Optional[int] = None
+    encoder_batch_size: int = 8
+    cache_embeddings: bool = False
+    cache_size_mb: float = 512.0
+    background: str = "max"
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    train_decoder: bool = False
+    multiclass_head: bool = False
+    num_classes: Optional[int] = None
+
+    def __post_init__(self):
+        backends = available_backends()
+        if self.backend not in backends:
+            raise GeneralistConfigError(f"unknown generalist backend {self.backend!r}; choose one of {backends}")
+        if self.model_type is None:
+            self.model_type = _BACKENDS[self.backend].default_model_type
+        allowed = _BACKENDS[self.backend].model_types
+        if allowed and self.model_type not in allowed:
+            raise GeneralistConfigError(f"model_type {self.model_type!r} is not valid for backend {self.backend!r}; "
+                                        f"choose one of {list(allowed)}")
+        if self.axis is not None and self.axis not in (0, 1, 2):
+            raise GeneralistConfigError(f"axis must be 0 (D), 1 (H), 2 (W) or null, got {self.axis!r}")
+        if self.spacing is not None:
+            self.spacing = tuple(float(s) for s in self.spacing)
+        if self.image_channel < 0:
+            raise GeneralistConfigError(f"image_channel must be >= 0, got {self.image_channel}")
+        if self.encoder_batch_size < 1:
+            raise GeneralistConfigError("encoder_batch_size must be >= 1")
+        if self.stitch_grid is not None and self.stitch_grid < 1:
+            raise GeneralistConfigError("stitch_grid must be >= 1 or null")
+        if self.background not in BACKGROUND_MODES:
+            raise GeneralistConfigError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}")
+        if self.lora_rank < 0:
+            raise GeneralistConfigError("lora_rank must be >= 0 (0 = LoRA off)")
+        if self.multiclass_head and (self.num_classes is None or self.num_classes < 2):
+            raise GeneralistConfigError("multiclass_head needs num_classes (including background, >= 2)")
+        if self.checkpoint is None and not self.allow_random_init and self.backend in _BACKENDS \
+                and _BACKENDS[self.backend].needs_checkpoint:
+            raise GeneralistConfigError(
+                f"generalist backend {self.backend!r} ({self.model_type}) needs a checkpoint: set 'checkpoint' to "
+                f"a local file (download with setup_scripts/download_checkpoints.sh). A randomly initialised "
+                f"model is no teacher; set allow_random_init=true only for benchmarks.")
+        try:
+            self.prompt_settings()
+        except ValueError as e:
+            raise GeneralistConfigError(str(e)) from None
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def prompt_settings(self) -> PromptSettings:
+        return PromptSettings(
+            num_points=self.num_points, num_negative_points=self.num_negative_points, use_box=self.use_box,
+            box_mode=self.box_mode, box_jitter=self.box_jitter, use_mask_prompt=self.use_mask_prompt,
+            fg_threshold=self.fg_threshold, bg_threshold=self.bg_threshold, point_selection=self.point_selection,
+            min_component_size=self.min_component_size)
+
+    @property
+    def trainable(self) -> bool:
+        return self.lora_rank > 0 or self.train_decoder or self.multiclass_head
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["spacing"] is not None:
+            d["spacing"] = list(d["spacing"])
+        return d
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "GeneralistConfig":
+        """Build from a dict; unknown keys are an error (a typo must not silently fall back to a default)."""
+        if isinstance(values, GeneralistConfig):
+            return values
+        if not isinstance(values, Mapping):
+            raise GeneralistConfigError(f"a generalist configuration must be a dict, got {type(values).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise GeneralistConfigError(f"unknown generalist setting(s) {unknown}; valid keys: {', '.join(names)}")
+        return cls(**dict(values))
+
+
+def parse_generalist_setting(value: Union[str, Mapping, Sequence, None]
+                             ) -> Union[None, GeneralistConfig, List[GeneralistConfig]]:
+    """Read the ``generalist`` setting: a dict, a list of dicts, a JSON string, or the path of a JSON file."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        text = str(value).strip()
+        if not text.startswith(("{", "[")):
+            if not os.path.isfile(text):
+                raise GeneralistConfigError(f"generalist setting {text!r} is neither JSON nor an existing file")
+            with open(text) as f:
+                text = f.read()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GeneralistConfigError(f"generalist setting is not valid JSON: {e}") from None
+    if isinstance(value, (list, tuple)):
+        return [GeneralistConfig.from_dict(v) for v in value]
+    return GeneralistConfig.from_dict(value)
+
+
+# -------------------------------------------------------------------------------------------- backend registry
+@dataclass
+class BackendSpec:
+    """A registered backend.
+
+    Attributes:
+        builder: ``"module:function"`` (imported lazily) or a callable ``(config) -> Generalist``.
+        requires: importable module names with the pip command that installs each.
+        model_types: allowed ``model_type`` values (empty = any).
+    """
+
+    builder: Union[str, Callable[[GeneralistConfig], Any]]
+    requires: Dict[str, str] = field(default_factory=dict)
+    model_types: Tuple[str, ...] = ()
+    default_model_type: Optional[str] = None
+    needs_checkpoint: bool = True
+
+
+_BACKENDS: Dict[str, BackendSpec] = {
+    "sam": BackendSpec("nnunet_foundation.foundation.sam_backend:build_sam_generalist",
+                       {"segment_anything": SAM_INSTALL}, SAM_MODEL_TYPES, "vit_b"),
+    "medsam": BackendSpec("nnunet_foundation.foundation.sam_backend:build_sam_generalist",
+                          {"segment_anything": SAM_INSTALL}, ("vit_b", "tiny"), "vit_b"),
+    "sam2": BackendSpec("nnunet_foundation.foundation.sam2_backend:build_sam2_generalist",
+                        {"sam2": SAM2_INSTALL}, SAM2_MODEL_TYPES, "hiera_t"),
+    "sam2_video": BackendSpec("nnunet_foundation.foundation.sam2_backend:build_sam2_generalist",
+                              {"sam2": SAM2_INSTALL}, SAM2_MODEL_TYPES, "hiera_t"),
+}
+
+
+def register_backend(name: str, builder: Union[str, Callable[[GeneralistConfig], Any]],
+                     requires: Optional[Mapping[str, str]] = None, model_types: Sequence[str] = (),
+                     default_model_type: Optional[str] = None, needs_checkpoint: bool = True,
+                     replace: bool = False) -> None:
+    """Add a generalist backend (e.g. a native 3D model).
+
+    Args:
+        name: value of ``GeneralistConfig.backend``.
+        builder: callable ``(GeneralistConfig) -> nn.Module`` whose ``forward(images, specialist_probs, prompts=None)``
+            returns a :class:`~nnunet_foundation.foundation.generalist.GeneralistOutput` (subclassing
+            :class:`~nnunet_foundation.foundation.generalist.Generalist` gives freezing and output assembly for free),
+            or ``"module:function"`` to import lazily.
+        requires: ``{module: install command}`` checked before building.
+        replace: allow overriding an existing name.
+    """
+    if name in _BACKENDS and not replace:
+        raise ValueError(f"generalist backend {name!r} is already registered (pass replace=True to override)")
+    _BACKENDS[name] = BackendSpec(builder, dict(requires or {}), tuple(model_types), default_model_type,
+                                  needs_checkpoint)
+
+
+def available_backends() -> List[str]:
+    return sorted(_BACKENDS)
+
+
+def require_modules(requires: Mapping[str, str], backend: str) -> None:
+    """Raise :class:`MissingBackendError` with the install command if a required module cannot be imported."""
+    for module, install in requires.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise MissingBackendError(
+                f"generalist backend {backend!r} needs the Python package '{module}', which cannot be imported "
+                f"({e}). Install it with: {install}") from e
+
+
+def _resolve_builder(spec: BackendSpec) -> Callable[[GeneralistConfig], Any]:
+    if callable(spec.builder):
+        return spec.builder
+    module_name, function_name = spec.builder.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def build_generalist(config: Union[GeneralistConfig, Mapping[str, Any], Sequence, str]):
+    """Build a frozen generalist from a config, a dict, a JSON string/file, or a list of those.
+
+    Returns:
+        a :class:`~nnunet_foundation.foundation.generalist.Generalist` for one config, a
+        :class:`~nnunet_foundation.foundation.generalist.GeneralistEnsemble` for a list.
+
+    Raises:
+        GeneralistConfigError: invalid configuration.
+        MissingBackendError: the backend's package is not installed (the message has the pip command).
+        CheckpointError: the checkpoint is missing or does not match ``model_type``.
+    """
+    parsed = parse_generalist_setting(config) if isinstance(config, (str, os.PathLike)) else config
+    if isinstance(parsed, (list, tuple)):
+        from nnunet_foundation.foundation.generalist import GeneralistEnsemble
+
+        if not parsed:
+            raise GeneralistConfigError("an empty list of generalists was given")
+        return GeneralistEnsemble([build_generalist(c) for c in parsed])
+    cfg = GeneralistConfig.from_dict(parsed)
+    spec = _BACKENDS[cfg.backend]
+    require_modules(spec.requires, cfg.backend)
+    return _resolve_builder(spec)(cfg)

@@ -1,0 +1,210 @@
+"""SAM (ViT-B/L/H) and MedSAM as slice-wise generalists, built from the official ``segment_anything`` package.
+
+Per call: the slices that carry a prompt are mapped to the model's intensities (SAM: per-slice min-max to [0, 255],
+grey to RGB, the checkpoint's ``pixel_mean``/``pixel_std``; MedSAM: min-max to [0, 1]) and size (SAM: longest side
+to 1024 and zero padding, as ``ResizeLongestSide``; MedSAM: squashed to 1024 x 1024, as MedSAM was trained),
+encoded in batches of ``encoder_batch_size`` (autocast to bfloat16 on CUDA), and all prompts are decoded in one
+batched call of SAM's mask decoder. Optional SFR-style stitching tiles several small slices into one mosaic so that
+one encoder call serves them all; the prompts of a slice are then confined to its tile (coordinates shifted, the mask
+prompt placed in the tile, the output cropped from it).
+
+Batched decoding: ``MaskDecoder.predict_masks`` expects one image and repeats its embedding for every prompt, so a
+batch of prompts on different slices would need one call per slice. :func:`decode_masks` runs the same layers in the
+same order with one embedding per prompt instead; ``tests/test_foundation_sam.py`` checks it against
+``MaskDecoder.forward`` prompt by prompt.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from nnunet_foundation.foundation.checkpoints import load_checkpoint
+from nnunet_foundation.foundation.config import GeneralistConfig
+from nnunet_foundation.foundation.generalist import SliceGeneralist
+from nnunet_foundation.foundation.geometry import (StitchLayout, auto_stitch_grid, boxes_to_model,
+                                                   compute_resize_geometry, points_to_model, resize_from_model,
+                                                   resize_to_model, stitch, to_medsam_intensities,
+                                                   to_sam_intensities, upsample_low_res)
+from nnunet_foundation.foundation.prompts import SlicePrompt
+
+# logit given to the part of a mosaic's mask prompt outside a slice's tile: "surely not this object"
+_OUTSIDE_TILE_LOGIT = -20.0
+
+
+def build_sam_model(config: GeneralistConfig):
+    """The ``segment_anything`` ``Sam`` module for ``config.model_type``, with the checkpoint loaded strictly."""
+    from segment_anything import sam_model_registry
+
+    from nnunet_foundation.foundation.tiny import build_tiny_sam
+
+    family = "MedSAM" if config.backend == "medsam" else "SAM"
+    if config.model_type == "tiny":
+        model = build_tiny_sam()
+    else:
+        # the registry builders only read a checkpoint when given one; we load it ourselves (weights_only, strict)
+        model = sam_model_registry[config.model_type](checkpoint=None)
+    if config.checkpoint is not None:
+        valid = "vit_b" if config.backend == "medsam" else "vit_b, vit_l, vit_h"
+        load_checkpoint(model, config.checkpoint, expected=f"{family} {config.model_type}",
+                        type_hint=f"set the generalist's model_type to the one the file holds ({valid}; 'tiny' "
+                                  f"for the test models)")
+    return model
+
+
+def build_sam_generalist(config: GeneralistConfig) -> "SAMGeneralist":
+    model = build_sam_model(config)
+    generalist = SAMGeneralist(config, model)
+    if config.lora_rank > 0 or config.train_decoder or config.multiclass_head:
+        from nnunet_foundation.foundation.lora import make_adaptable
+
+        make_adaptable(generalist)
+    return generalist.freeze()
+
+
+def decode_masks(mask_decoder, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                 sparse: torch.Tensor, dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` with one image embedding per prompt: ``(P, C, h, w)`` embeddings, ``(P, T, C)``
+    sparse and ``(P, C, h, w)`` dense prompt embeddings -> all ``(P, M, 4h, 4w)`` mask logits and ``(P, M)`` IoU
+    predictions (M = 1 + number of multimask outputs; index 0 is the single-mask output)."""
+    d = mask_decoder
+    output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse), dim=1)
+    src = image_embeddings + dense
+    pos_src = image_pe.expand(src.shape[0], -1, -1, -1)
+    b, c, h, w = src.shape
+    hs, src = d.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1:1 + d.num_mask_tokens, :]
+    upscaled = d.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], 1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, d.iou_prediction_head(iou_token_out)
+
+
+class SAMGeneralist(SliceGeneralist):
+    """SAM / MedSAM applied to the slices of nnU-Net patches. ``self.sam`` is the official ``Sam`` module."""
+
+    def __init__(self, config: GeneralistConfig, sam):
+        super().__init__(config)
+        self.sam = sam
+        self.img_size = int(sam.image_encoder.img_size)
+        self.medsam = config.backend == "medsam"
+        self.multiclass_head = None  # set by lora.make_adaptable for prompt-free multi-class decoding
+
+    # ------------------------------------------------------------------------------------ image side
+    def _to_model_input(self, slices: torch.Tensor) -> Tuple[torch.Tensor, object]:
+        """``(N, h, w)`` nnU-Net intensities -> ``(N, 3, T, T)`` encoder input and its resize geometry."""
+        geometry = compute_resize_geometry(slices.shape[-2:], self.img_size, keep_aspect=not self.medsam)
+        if self.medsam:
+            rgb = to_medsam_intensities(slices)
+        else:
+            rgb = to_sam_intensities(slices, self.sam.pixel_mean.flatten(), self.sam.pixel_std.flatten())
+        # SAM pads after normalisation, so the padding is 0 in normalised units
+        return resize_to_model(rgb, geometry), geometry
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(self, model_inputs: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(N, C, T/16, T/16)`` in batches of ``encoder_batch_size``."""
+        chunks = []
+        with self._autocast():
+            for start in range(0, model_inputs.shape[0], self.config.encoder_batch_size):
+                chunks.append(self.sam.image_encoder(model_inputs[start:start + self.config.encoder_batch_size]))
+        return torch.cat(chunks).float()
+
+    def _stitch_grid(self, hw) -> int:
+        return self.config.stitch_grid or auto_stitch_grid(hw, self.img_size)
+
+    # ------------------------------------------------------------------------------------ prompts
+    def _prompt_tensors(self, prompts: Sequence[SlicePrompt], geometry, offsets: Optional[List[Tuple[float, float]]],
+                        tile_geometry=None):
+        """Points (padded with label -1, SAM's "not a point"), boxes and dense mask prompts in the model frame."""
+        device = self.device
+        geo = tile_geometry or geometry
+        offsets = offsets or [(0.0, 0.0)] * len(prompts)
+        max_points = max(p.num_points for p in prompts)
+        points = labels = None
+        if max_points > 0:
+            points = torch.zeros((len(prompts), max_points, 2), device=device)
+            labels = torch.full((len(prompts), max_points), -1, dtype=torch.int64, device=device)
+            for i, p in enumerate(prompts):
+                if p.num_points:
+                    points[i, :p.num_points] = points_to_model(p.points.to(device), geo, offsets[i])
+                    labels[i, :p.num_points] = p.labels.to(device)
+        boxes = None
+        if all(p.box is not None for p in prompts):
+            boxes = torch.stack([boxes_to_model(p.box.to(device), geo, offsets[i]) for i, p in enumerate(prompts)])
+        elif any(p.box is not None for p in prompts):
+            raise ValueError("either every prompt of a call has a box or none has (SAM encodes them batched)")
+        masks = None
+        if all(p.mask is not None for p in prompts):
+            low = 4 * self.sam.prompt_encoder.image_embedding_size[0]
+            masks = torch.stack([self._mask_prompt(p.mask.to(device).float(), geo, offsets[i], low)
+                                 for i, p in enumerate(prompts)])
+        if points is None and boxes is None and masks is None:
+            raise ValueError("a prompt without points, box or mask cannot be decoded")
+        return points, labels, boxes, masks
+
+    def _mask_prompt(self, logit: torch.Tensor, geometry, offset: Tuple[float, float], low: int) -> torch.Tensor:
+        """A slice-resolution logit map -> SAM's ``(1, low, low)`` mask input (model frame / 4)."""
+        placed = resize_to_model(logit[None, None], geometry, pad_value=_OUTSIDE_TILE_LOGIT)
+        if placed.shape[-1] != self.img_size:  # a tile of a mosaic: put it at its offset
+            canvas = placed.new_full((1, 1, self.img_size, self.img_size), _OUTSIDE_TILE_LOGIT)
+            left, top = int(offset[0]), int(offset[1])
+            canvas[..., top:top + placed.shape[-2], left:left + placed.shape[-1]] = placed
+            placed = canvas
+        return F.interpolate(placed, size=(low, low), mode="bilinear", align_corners=False)[0]
+
+    # ------------------------------------------------------------------------------------ the backend method
+    def segment_slices(self, slices: torch.Tensor, prompts: Sequence[SlicePrompt], image_index: Sequence[int]
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        h, w = slices.shape[-2:]
+        index = torch.as_tensor(list(image_index), dtype=torch.long, device=self.device)
+        if self.config.stitch and self._stitch_grid((h, w)) > 1:
+            grid = self._stitch_grid((h, w))
+            layout = StitchLayout(slices.shape[0], grid, self.img_size)
+            tiles, tile_geometry = self._to_tiles(slices, layout.tile)
+            embeddings = self.encode(stitch(tiles, layout))
+            mosaic_of = [layout.location(i)[0] for i in range(slices.shape[0])]
+            offsets = [layout.offset_xy(i) for i in image_index]
+            points, labels, boxes, masks = self._prompt_tensors(prompts, None, offsets, tile_geometry)
+            emb = embeddings[torch.as_tensor(mosaic_of, device=self.device)[index]]
+            low_res, iou = self._decode(emb, points, labels, boxes, masks)
+            full = upsample_low_res(low_res, self.img_size)
+            crops = torch.stack([full[i, :, int(o[1]):int(o[1]) + layout.tile, int(o[0]):int(o[0]) + layout.tile]
+                                 for i, o in enumerate(offsets)])
+            logits = resize_from_model(crops, tile_geometry)
+            return logits[:, 0], iou, layout.num_mosaics
+        model_inputs, geometry = self._to_model_input(slices)
+        embeddings = self.encode(model_inputs)
+        points, labels, boxes, masks = self._prompt_tensors(prompts, geometry, None)
+        low_res, iou = self._decode(embeddings[index], points, labels, boxes, masks)
+        logits = resize_from_model(upsample_low_res(low_res, self.img_size), geometry)
+        return logits[:, 0], iou, slices.shape[0]
+
+    def _to_tiles(self, slices: torch.Tensor, tile: int):
+        """Each slice resized into a ``tile x tile`` cell with the same rules as a full model input."""
+        geometry = compute_resize_geometry(slices.shape[-2:], tile, keep_aspect=not self.medsam)
+        if self.medsam:
+            rgb = to_medsam_intensities(slices)
+        else:
+            rgb = to_sam_intensities(slices, self.sam.pixel_mean.flatten(), self.sam.pixel_std.flatten())
+        return resize_to_model(rgb, geometry), geometry
+
+    def _decode(self, embeddings, points, labels, boxes, masks):
+        pe = self.sam.prompt_encoder
+        sparse, dense = pe(points=(points, labels) if points is not None else None, boxes=boxes, masks=masks)
+        if dense.shape[0] != embeddings.shape[0]:  # no mask prompt: one shared "no mask" embedding
+            dense = dense.expand(embeddings.shape[0], -1, -1, -1)
+        with self._autocast():
+            masks_out, iou = decode_masks(self.sam.mask_decoder, embeddings, pe.get_dense_pe(), sparse, dense)
+        # single-mask output (SAM's multimask_output=False): index 0
+        return masks_out[:, :1].float(), iou[:, 0].float()
