@@ -39,10 +39,12 @@ if [ ! -f "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans.json" ]; then
 fi
 
 # Prepare once (splits, held-out test data) and write one job line per unfinished run.
-mkdir -p "$OUTPUT"
-nnunet-foundation benchmark "${ARGS[@]}" --print-commands > "$OUTPUT/jobs.sh"
+
+JOBFILE="${OUTPUT%/}.jobs.sh"  # beside OUTPUT: the benchmark only adopts an empty or its own folder
+nnunet-foundation benchmark "${ARGS[@]}" --print-commands > "$JOBFILE"
 COST=()
 if [ -n "${COST_JSON:-}" ]; then
+    export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
     if [ ! -f "$COST_JSON" ]; then
         echo "== trainer cost (fold 0: 2 labeled cases + unlabeled), before any training"
         python "$(dirname "$0")/trainer_cost.py" -d 4 -c 3d_fullres -f 0 --device "$DEVICE" \
@@ -51,8 +53,8 @@ if [ -n "${COST_JSON:-}" ]; then
     COST=(--cost "$COST_JSON")
 fi
 if [ "$JOBS" -gt 1 ]; then
-    echo "== $(grep -c -- ' --run ' "$OUTPUT/jobs.sh" || true) runs, $JOBS at a time (logs in $OUTPUT/logs)"
-    grep -- ' --run ' "$OUTPUT/jobs.sh" | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "job failed: {}"'
+    echo "== $(grep -c -- ' --run ' "$JOBFILE" || true) runs, $JOBS at a time (logs in $OUTPUT/logs)"
+    grep -- ' --run ' "$JOBFILE" | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "job failed: {}"'
 fi
 # Sequential runs (JOBS=1), or whatever a failed parallel job left, then the report.
 nnunet-foundation benchmark "${ARGS[@]}" "${COST[@]}"
