@@ -16,7 +16,8 @@ from conftest import REPO, SYNTHETIC_ID, SYNTHETIC_NAME, nnunet_environment, run
 PUBLIC_TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTrainerMeanTeacher_smoke",
                    "nnUNetTrainerCPS_smoke", "nnUNetTrainerMeanTeacher_cpu500", "nnUNetTrainerCPS_gpu10k",
                    "nnUNetTrainer_smoke", "nnUNetTrainer_cpu500", "nnUNetTrainer_gpu10k",
-                   "nnUNetTrainerUAMT", "nnUNetTrainerUAMT_smoke"]
+                   "nnUNetTrainerUAMT", "nnUNetTrainerUAMT_smoke", "nnUNetTrainerSemiSAM",
+                   "nnUNetTrainerSemiSAM_smoke", "nnUNetTrainerSemiSAMUAMT", "nnUNetTrainerSemiSAM_gpu1k"]
 
 
 def preprocess_unlabeled(env):

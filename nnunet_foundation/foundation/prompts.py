@@ -331,3 +331,36 @@ def volume_prompts(specialist_probs: torch.Tensor, settings: PromptSettings) -> 
                 points=torch.tensor(np.array([[c, r, s] for s, r, c in picks], dtype=np.float32).reshape(-1, 3)),
                 box=torch.from_numpy(box), key_slice=int(areas.argmax()), area=int(kept.sum())))
     return out
+
+
+# ------------------------------------------------------------------------------------- iterative clicks
+def add_disagreement_clicks(prompts: PromptSet, generalist_probs: torch.Tensor, specialist_probs: torch.Tensor,
+                            threshold: float = 0.5) -> PromptSet:
+    """One more click per prompt, where the generalist's current mask and the specialist's disagree (SemiSAM+
+    ``point`` mode; the interactive-segmentation click simulation, with the specialist in the place of the user).
+
+    For each (batch item, class, slice) prompt: the error region is ``(generalist p >= threshold) XOR (specialist
+    argmax == class)``; the click goes to the most interior pixel of its largest connected component and is labelled
+    by the specialist there (positive if the specialist says "class", else negative). Prompts whose masks agree are
+    returned unchanged. Both inputs are ``(B, K, S, h, w)``; labels are never involved.
+    """
+    gen = generalist_probs.detach().float().cpu().numpy()
+    spec = specialist_probs.detach().float().cpu().numpy().argmax(1)  # (B, S, h, w)
+    out = PromptSet()
+    for p in prompts:
+        spec_mask = spec[p.batch_index, p.slice_index] == p.class_index
+        error = (gen[p.batch_index, p.class_index, p.slice_index] >= threshold) ^ spec_mask
+        labels, ids, _ = _components(error, 1)
+        if not ids:
+            out.slices.append(p)
+            continue
+        largest = labels == ids[0]
+        depth = _distance_inside(largest)
+        r, c = np.unravel_index(int(np.argmax(np.where(largest, depth, -1.0))), depth.shape)
+        click = torch.tensor([[float(c), float(r)]], dtype=p.points.dtype if p.points.numel() else torch.float32)
+        label = torch.tensor([1 if spec_mask[r, c] else 0], dtype=torch.int64)
+        out.slices.append(SlicePrompt(batch_index=p.batch_index, class_index=p.class_index,
+                                      slice_index=p.slice_index, points=torch.cat([p.points.reshape(-1, 2), click]),
+                                      labels=torch.cat([p.labels.reshape(-1), label]), box=p.box, mask=p.mask,
+                                      area=p.area))
+    return out

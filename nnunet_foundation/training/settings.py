@@ -38,8 +38,14 @@ def _convert(name: str, raw: str, default: Any, source: str) -> Any:
             return int(raw)
         if isinstance(default, float):
             return float(raw)
-        if isinstance(default, (list, dict)) or default is None:
+        if isinstance(default, (list, dict)):
             return json.loads(raw)
+        if default is None:
+            # JSON when it parses (numbers, lists, objects), else the string itself (e.g. the path of a JSON file)
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                return raw
         return raw
     except (ValueError, json.JSONDecodeError):
         raise SettingsError(f"{source}: cannot read {raw!r} as the {type(default).__name__} that setting "
