@@ -249,3 +249,23 @@ def test_random_init_vit_b_builds_without_checkpoint_only_when_allowed():
     g = build_generalist({"backend": "sam", "model_type": "vit_b", "allow_random_init": True})
     assert g.img_size == 1024 and not any(p.requires_grad for p in g.parameters())
     assert np.isclose(sum(p.numel() for p in g.parameters()) / 1e6, 93.7, atol=0.5)
+
+
+def test_embedding_cache_reuses_encoder_outputs_of_unchanged_inputs(sam_checkpoint):
+    plain = build(sam_checkpoint)
+    cached = build(sam_checkpoint, cache_embeddings=True, cache_size_mb=64)
+    x, probs = images(), specialist()
+    first = cached(x, probs, cache_keys=["case_a", "case_b"])
+    second = cached(x, probs, cache_keys=["case_a", "case_b"])
+    assert first.num_encoded == 4 and second.num_encoded == 0 and cached.cache_hits == 4
+    expected = plain(x, probs).probabilities
+    torch.testing.assert_close(first.probabilities, expected)
+    torch.testing.assert_close(second.probabilities, expected)
+    # a new key is a new input: encoded again; without keys nothing is cached
+    assert cached(x, probs, cache_keys=["case_c", "case_b"]).num_encoded == 2
+    assert cached(x, probs).num_encoded == 4
+    tiny = build(sam_checkpoint, cache_embeddings=True, cache_size_mb=0.001)  # room for less than one call
+    tiny(x, probs, cache_keys=["a", "b"])
+    assert len(tiny._embedding_cache) == 4  # the current call's entries stay, older ones are evicted
+    tiny(x, probs, cache_keys=["c", "d"])
+    assert set(k[0] for k in tiny._embedding_cache) == {"c", "d"}

@@ -59,8 +59,8 @@ class GeneralistConfig:
         stitch: tile several slices into one model input (SFR-style) to cut encoder calls.
         stitch_grid: tiles per side when stitching; ``None`` = as many as fit without downscaling (at most 4).
         encoder_batch_size: images per image-encoder call.
-        cache_embeddings / cache_size_mb: LRU cache of image embeddings for un-augmented inputs (used when
-            ``forward`` receives ``cache_keys``; not with stitching).
+        cache_embeddings / cache_size_mb: LRU cache of image embeddings for un-augmented inputs (SAM/MedSAM
+            backends, used when ``forward`` receives ``cache_keys``; not with stitching or a training encoder).
     Prompts (see :mod:`nnunet_foundation.foundation.prompts`)
         num_points, num_negative_points, use_box, box_mode (``"union"``/``"largest"``), box_jitter (pixels),
         use_mask_prompt, fg_threshold, bg_threshold, point_selection (``"max_distance"``/``"uncertainty"``),

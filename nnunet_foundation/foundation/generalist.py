@@ -132,6 +132,7 @@ class SliceGeneralist(Generalist):
     def __init__(self, config: GeneralistConfig):
         super().__init__(config)
         self._generator = torch.Generator().manual_seed(int(config.seed))
+        self._slice_cache_keys = None
 
     def slice_axis(self) -> int:
         return self.config.axis if self.config.axis is not None else choose_slice_axis(self.config.spacing)
@@ -151,7 +152,12 @@ class SliceGeneralist(Generalist):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, specialist_probs: torch.Tensor,
-                prompts: Optional[PromptSet] = None) -> GeneralistOutput:
+                prompts: Optional[PromptSet] = None, cache_keys: Optional[Sequence[str]] = None
+                ) -> GeneralistOutput:
+        """``cache_keys``: one string per batch item naming its exact, un-augmented content (e.g. case id + crop);
+        with ``cache_embeddings`` the backend reuses encoder outputs of slices it has seen under the same key."""
+        if cache_keys is not None and len(cache_keys) != images.shape[0]:
+            raise ValueError(f"{len(cache_keys)} cache keys for a batch of {images.shape[0]}")
         if images.ndim not in (4, 5) or specialist_probs.ndim != images.ndim:
             raise ValueError(f"expected images (B, C, [D,] H, W) and specialist probabilities of the same rank, got "
                              f"{tuple(images.shape)} and {tuple(specialist_probs.shape)}")
@@ -188,6 +194,9 @@ class SliceGeneralist(Generalist):
             index = torch.tensor(list(keys), dtype=torch.long)
             slices = image_slices[index[:, 0], 0, index[:, 1]].to(device)
             image_index = [keys[(p.batch_index, p.slice_index)] for p in prompt_list]
+            # per encoded slice: (caller's key, axis, slice) when the caller named its items, else None
+            self._slice_cache_keys = None if cache_keys is None else \
+                [(str(cache_keys[b]), axis, s) for b, s in keys]
             grad = torch.enable_grad() if (self.training and self.config.trainable) else torch.no_grad()
             with grad:
                 logits, scores, num_encoded = self.segment_slices(slices, prompt_list, image_index)
@@ -230,8 +239,9 @@ class GeneralistEnsemble(nn.Module):
         self.combination = combination
 
     def forward(self, images: torch.Tensor, specialist_probs: torch.Tensor,
-                prompts: Optional[PromptSet] = None) -> GeneralistOutput:
-        outputs = [m(images, specialist_probs, prompts) for m in self.members]
+                prompts: Optional[PromptSet] = None, cache_keys: Optional[Sequence[str]] = None
+                ) -> GeneralistOutput:
+        outputs = [m(images, specialist_probs, prompts, cache_keys=cache_keys) for m in self.members]
         return combine_outputs(outputs, self.combination)
 
     def train(self, mode: bool = True):

@@ -418,7 +418,9 @@ class SAM2VideoGeneralist(Generalist):
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, specialist_probs: torch.Tensor,
-                prompts: Optional[PromptSet] = None) -> GeneralistOutput:
+                prompts: Optional[PromptSet] = None, cache_keys: Optional[Sequence[str]] = None
+                ) -> GeneralistOutput:
+        # cache_keys: accepted for the common interface; a video state encodes each item's frames once anyway
         _check_inputs(images, specialist_probs, self.config.image_channel)
         is_2d = images.ndim == 4
         axis = 0 if is_2d else self.slice_axis()

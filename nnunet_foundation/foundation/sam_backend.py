@@ -16,6 +16,7 @@ same order with one embedding per prompt instead; ``tests/test_foundation_sam.py
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -95,6 +96,10 @@ class SAMGeneralist(SliceGeneralist):
         self.img_size = int(sam.image_encoder.img_size)
         self.medsam = config.backend == "medsam"
         self.multiclass_head = None  # set by lora.make_adaptable for prompt-free multi-class decoding
+        # least recently used first; embeddings kept on their device (see cached_encode)
+        self._embedding_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_hits = 0
 
     # ------------------------------------------------------------------------------------ image side
     def _to_model_input(self, slices: torch.Tensor) -> Tuple[torch.Tensor, object]:
@@ -119,6 +124,29 @@ class SAMGeneralist(SliceGeneralist):
             for start in range(0, model_inputs.shape[0], self.config.encoder_batch_size):
                 chunks.append(self.sam.image_encoder(model_inputs[start:start + self.config.encoder_batch_size]))
         return torch.cat(chunks).float()
+
+    def cached_encode(self, model_inputs: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """:meth:`encode`, reusing embeddings of slices seen before under the same cache key (``cache_embeddings``,
+        frozen encoder only: a trained LoRA changes the embeddings). Returns embeddings and images encoded."""
+        keys = self._slice_cache_keys
+        if not (self.config.cache_embeddings and keys is not None and not (self.training and self.config.trainable)):
+            return self.encode(model_inputs), model_inputs.shape[0]
+        missing = [i for i, k in enumerate(keys) if k not in self._embedding_cache]
+        self.cache_hits += len(keys) - len(missing)
+        fresh = self.encode(model_inputs[missing]) if missing else None
+        limit = self.config.cache_size_mb * 2 ** 20
+        for j, i in enumerate(missing):
+            self._embedding_cache[keys[i]] = fresh[j]
+            self._cache_bytes += fresh[j].numel() * fresh[j].element_size()
+        out = []
+        for k in keys:
+            self._embedding_cache.move_to_end(k)
+            out.append(self._embedding_cache[k])
+        embeddings = torch.stack(out)
+        while self._cache_bytes > limit and len(self._embedding_cache) > len(keys):
+            _, dropped = self._embedding_cache.popitem(last=False)
+            self._cache_bytes -= dropped.numel() * dropped.element_size()
+        return embeddings, len(missing)
 
     def _stitch_grid(self, hw) -> int:
         return self.config.stitch_grid or auto_stitch_grid(hw, self.img_size)
@@ -184,11 +212,11 @@ class SAMGeneralist(SliceGeneralist):
             logits = resize_from_model(crops, tile_geometry)
             return logits[:, 0], iou, layout.num_mosaics
         model_inputs, geometry = self._to_model_input(slices)
-        embeddings = self.encode(model_inputs)
+        embeddings, encoded = self.cached_encode(model_inputs)
         points, labels, boxes, masks = self._prompt_tensors(prompts, geometry, None)
         low_res, iou = self._decode(embeddings[index], points, labels, boxes, masks)
         logits = resize_from_model(upsample_low_res(low_res, self.img_size), geometry)
-        return logits[:, 0], iou, slices.shape[0]
+        return logits[:, 0], iou, encoded
 
     def _to_tiles(self, slices: torch.Tensor, tile: int):
         """Each slice resized into a ``tile x tile`` cell with the same rules as a full model input."""
