@@ -105,6 +105,8 @@ class Generalist(nn.Module):
         if mode and self.config.trainable:
             for module in self.trainable_modules():
                 module.train(True)
+        # "training" of the generalist itself means: its trainable parts learn (forward then keeps gradients)
+        self.training = bool(mode and self.config.trainable)
         return self
 
     def trainable_modules(self) -> List[nn.Module]:

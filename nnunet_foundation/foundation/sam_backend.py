@@ -127,9 +127,10 @@ class SAMGeneralist(SliceGeneralist):
 
     def cached_encode(self, model_inputs: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """:meth:`encode`, reusing embeddings of slices seen before under the same cache key (``cache_embeddings``,
-        frozen encoder only: a trained LoRA changes the embeddings). Returns embeddings and images encoded."""
+        frozen encoder only: LoRA changes the embeddings). Returns embeddings and images encoded."""
         keys = self._slice_cache_keys
-        if not (self.config.cache_embeddings and keys is not None and not (self.training and self.config.trainable)):
+        # an adapted (LoRA) encoder changes with every step: its old embeddings are stale
+        if not (self.config.cache_embeddings and keys is not None and self.config.lora_rank == 0):
             return self.encode(model_inputs), model_inputs.shape[0]
         missing = [i for i, k in enumerate(keys) if k not in self._embedding_cache]
         self.cache_hits += len(keys) - len(missing)
