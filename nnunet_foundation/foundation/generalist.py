@@ -91,13 +91,17 @@ class Generalist(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def freeze(self) -> "Generalist":
-        """Freeze everything except what :meth:`trainable_parameter_names` selects (nothing by default)."""
+        """Freeze everything except what :meth:`is_trainable_parameter` selects (nothing by default)."""
         for name, p in self.named_parameters():
             p.requires_grad_(self.is_trainable_parameter(name))
         return self.train(False)
 
-    def is_trainable_parameter(self, name: str) -> bool:  # noqa: ARG002 - overridden by adaptable backends
-        return False
+    #: parameter-name prefixes and sub-module names that learn (set by ``lora.make_adaptable``; empty = frozen)
+    _adaptable_prefixes: Tuple[str, ...] = ()
+    _adaptable_module_names: Tuple[str, ...] = ()
+
+    def is_trainable_parameter(self, name: str) -> bool:
+        return bool(self._adaptable_prefixes) and name.startswith(self._adaptable_prefixes)
 
     def train(self, mode: bool = True):
         # Only trainable sub-modules may switch to training mode; a frozen encoder always runs in eval mode.
@@ -110,7 +114,7 @@ class Generalist(nn.Module):
         return self
 
     def trainable_modules(self) -> List[nn.Module]:
-        return []
+        return [self.get_submodule(n) for n in self._adaptable_module_names]
 
     @property
     def device(self) -> torch.device:

@@ -239,50 +239,15 @@ class MultiClassMaskHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- making adaptable
-class _InstanceMethod:
-    """An instance-level override of a generalist method: ``function(generalist, *args)``.
-
-    Unlike a ``types.MethodType`` it survives pickling (a bound method would be re-resolved by name on the
-    half-restored object, silently finding the class's method) and ``copy.deepcopy`` rebinds it to the copy.
-    """
-
-    def __init__(self, generalist, function):
-        self.generalist = generalist
-        self.function = function
-
-    def __call__(self, *args, **kwargs):
-        return self.function(self.generalist, *args, **kwargs)
-
-
-def _is_trainable_parameter(self, name: str) -> bool:
-    return name.startswith(self._adaptable_prefixes)
-
-
-def _trainable_modules(self) -> List[nn.Module]:
-    return [self.get_submodule(n) for n in self._adaptable_module_names]
-
-
-def _adaptable_train(self, mode: bool = True):
-    # Generalist.train leaves the generalist's own flag False (only the trainable sub-modules switch), but
-    # SliceGeneralist.forward (gradients on), SAMGeneralist.cached_encode (cache off) and MultiClassMaskHead.segment
-    # read ``self.training``: an adapted generalist in training mode must report it.
-    type(self).train(self, mode)
-    self.training = bool(mode)
-    return self
-
-
 def make_adaptable(generalist) -> List[str]:
     """Apply what ``generalist.config`` asks for (LoRA, trainable decoder, multi-class head) to a SAM generalist.
 
-    Sets, on the instance, ``is_trainable_parameter`` (consulted by ``generalist.freeze()``),
-    ``trainable_modules`` (consulted by ``generalist.train()``), backed by the plain attributes
-    ``_adaptable_prefixes`` and ``_adaptable_module_names`` (picklable; ``copy.deepcopy`` rebinds them), and
-    ``train``, which additionally sets the generalist's own ``training`` flag (``Generalist.train`` leaves it False,
-    so the forward would otherwise never enable gradients). Call it once, before ``freeze()``;
-    ``build_sam_generalist`` does. Returns the trainable parameter-name prefixes.
+    Records the trainable parameter-name prefixes and modules in ``generalist._adaptable_prefixes`` and
+    ``_adaptable_module_names``, which ``Generalist.freeze()`` and ``Generalist.train()`` consult. Call it once, before
+    ``freeze()``; ``build_sam_generalist`` does. Returns the trainable parameter-name prefixes.
     """
     config = generalist.config
-    if getattr(generalist, "_adaptable_prefixes", None) is not None:
+    if generalist._adaptable_prefixes or generalist._adaptable_module_names:
         raise ValueError("make_adaptable was already applied to this generalist")
     sam = generalist.sam
     prefixes: List[str] = []
@@ -303,9 +268,6 @@ def make_adaptable(generalist) -> List[str]:
             module_names.append("multiclass_head")
     generalist._adaptable_prefixes = tuple(prefixes)
     generalist._adaptable_module_names = tuple(module_names)
-    generalist.is_trainable_parameter = _InstanceMethod(generalist, _is_trainable_parameter)
-    generalist.trainable_modules = _InstanceMethod(generalist, _trainable_modules)
-    generalist.train = _InstanceMethod(generalist, _adaptable_train)
     return list(prefixes)
 
 
