@@ -17,7 +17,8 @@ PUBLIC_TRAINERS = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS", "nnUNetTraine
                    "nnUNetTrainerCPS_smoke", "nnUNetTrainerMeanTeacher_cpu500", "nnUNetTrainerCPS_gpu10k",
                    "nnUNetTrainer_smoke", "nnUNetTrainer_cpu500", "nnUNetTrainer_gpu10k",
                    "nnUNetTrainerUAMT", "nnUNetTrainerUAMT_smoke", "nnUNetTrainerSemiSAM",
-                   "nnUNetTrainerSemiSAM_smoke", "nnUNetTrainerSemiSAMUAMT", "nnUNetTrainerSemiSAM_gpu1k"]
+                   "nnUNetTrainerSemiSAM_smoke", "nnUNetTrainerSemiSAMUAMT", "nnUNetTrainerSemiSAM_gpu1k",
+                   "nnUNetTrainerSynFoC", "nnUNetTrainerSynFoC_smoke"]
 
 
 def preprocess_unlabeled(env):
