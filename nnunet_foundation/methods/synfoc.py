@@ -1,10 +1,10 @@
-"""SynFoC (Ma et al., CVPR 2025): the per-iteration mathematics of Self-Mutual-Confidence co-training.
+"""SynFoC (Ma et al., CVPR 2025): Self-Mutual-Confidence co-training of nnU-Net and a LoRA-tuned SAM.
 
-This module holds the parts of SynFoC that are pure tensor functions, so that each can be checked on constructed
-inputs: the SMC weight, the alternative weighting strategies of the paper's ablation, the fused pseudo-label with its
-confidence mask, copy-paste mixing of a labeled box into the strong unlabeled view, and the consensus-divergence
-consistency (CDCR). The trainer (``nnUNetTrainerSynFoC``, which co-trains nnU-Net and a LoRA-tuned SAM on top of
-:mod:`nnunet_foundation.foundation.lora`) is built on these; see the SynFoC issue for its status.
+The first half holds the per-iteration mathematics as pure tensor functions, each checked on constructed inputs
+(tests/test_synfoc_math.py): the SMC weight, the weighting strategies of the paper's ablation, the fused pseudo-label
+with its confidence mask, copy-paste mixing of a labeled box into the strong unlabeled view, and the
+consensus-divergence consistency (CDCR). The second half is ``nnUNetTrainerSynFoC``, which combines them on top of
+the shared semi-supervised trainer and :mod:`nnunet_foundation.foundation.lora`.
 
 Shapes: probabilities ``(B, K, *spatial)`` (softmax over K classes, channel 0 background), hard maps ``(B, *spatial)``.
 """
