@@ -178,7 +178,7 @@ def render_markdown(data: dict, plots: List[str]) -> str:
              f"every run.",
              f"- **Trainers**: `{data['trainers']['lower_bound']}` on the labeled cases only (lower bound), "
              + ", ".join(f"`{t}`" for t in data["trainers"]["semi_supervised"])
-             + f" with the same labeled cases plus the fold's unlabeled ones"
+             + " with the same labeled cases plus the fold's unlabeled ones"
              + (f" and {data['num_unlabeled_extra']} imagesUnlabeled scans" if data["num_unlabeled_extra"] else "")
              + f", and `{data['trainers']['upper_bound']}` with every non-test, non-validation case labeled (upper "
                f"bound).",

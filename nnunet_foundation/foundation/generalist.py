@@ -79,6 +79,24 @@ def combine_background(foreground: torch.Tensor, mode: str) -> torch.Tensor:
     return probs
 
 
+def assemble_output(foreground: torch.Tensor, confidence: torch.Tensor, prompted: torch.Tensor, has_scores: bool,
+                    background: str, is_2d: bool, axis: int, device: torch.device, t0: float, num_encoded: int
+                    ) -> GeneralistOutput:
+    """Sliced ``(B, K, S, h, w)`` foreground maps and scores (channel 0 unused) -> the patch-aligned output of every
+    slice-based backend: background from the foreground maps, slices moved back to the patch layout, timing."""
+    probabilities = combine_background(foreground[:, 1:], background)
+    if has_scores and foreground.shape[1] > 1:  # the background is defined by the foreground masks: their best score
+        confidence[:, 0] = confidence[:, 1:].max(1).values
+    if is_2d:
+        probabilities, confidence = probabilities[:, :, 0], confidence[:, :, 0]
+    else:
+        probabilities, confidence = slices_to_patch(probabilities, axis), slices_to_patch(confidence, axis)
+    _synchronize(device)
+    return GeneralistOutput(probabilities=probabilities, prompted=prompted,
+                            confidence=confidence if has_scores else None,
+                            seconds=time.perf_counter() - t0, num_encoded=num_encoded)
+
+
 class Generalist(nn.Module):
     """Base class: freezing, device placement and the ``forward`` contract. See the module docstring."""
 
@@ -218,17 +236,8 @@ class SliceGeneralist(Generalist):
                 has_scores = True
                 score_maps = scores.float().view(-1, 1, 1).expand(-1, h, w)
                 confidence = confidence.index_put((bi, ki, si), score_maps)
-        probabilities = combine_background(foreground[:, 1:], self.config.background)
-        if has_scores and k_count > 1:  # the background is defined by the foreground masks: take their best score
-            confidence[:, 0] = confidence[:, 1:].max(1).values
-        if is_2d:
-            probabilities, confidence = probabilities[:, :, 0], confidence[:, :, 0]
-        else:
-            probabilities, confidence = slices_to_patch(probabilities, axis), slices_to_patch(confidence, axis)
-        _synchronize(device)
-        return GeneralistOutput(probabilities=probabilities, prompted=prompted,
-                                confidence=confidence if has_scores else None,
-                                seconds=time.perf_counter() - t0, num_encoded=num_encoded)
+        return assemble_output(foreground, confidence, prompted, has_scores, self.config.background, is_2d, axis,
+                               device, t0, num_encoded)
 
 
 class GeneralistEnsemble(nn.Module):

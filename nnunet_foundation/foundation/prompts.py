@@ -22,7 +22,7 @@ Coordinates follow SAM: points ``(x, y)`` = (column, row), boxes ``(x0, y0, x1, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch

@@ -36,10 +36,10 @@ import torch
 from nnunet_foundation.foundation.checkpoints import load_into, read_state_dict
 from nnunet_foundation.foundation.config import GeneralistConfig, GeneralistConfigError
 from nnunet_foundation.foundation.generalist import (Generalist, GeneralistOutput, SliceGeneralist, _synchronize,
-                                                     combine_background)
+                                                     assemble_output)
 from nnunet_foundation.foundation.geometry import (ResizeGeometry, choose_slice_axis, compute_resize_geometry,
                                                    patch_to_slices, resize_from_model, resize_to_model,
-                                                   slices_to_patch, to_sam2_intensities, upsample_low_res)
+                                                   to_sam2_intensities, upsample_low_res)
 from nnunet_foundation.foundation.prompts import PromptSet, SlicePrompt, generate_prompts, volume_prompts
 
 # model_type -> suffix of the official config files configs/sam2.1/sam2.1_hiera_<suffix>.yaml
@@ -457,14 +457,5 @@ class SAM2VideoGeneralist(Generalist):
                     if scores is not None:
                         confidence[b, k] = scores.view(-1, 1, 1).expand(-1, h, w)
                 del state
-        probabilities = combine_background(foreground[:, 1:], self.config.background)
-        if has_scores and k_count > 1:  # as in image mode: the background takes the best foreground score
-            confidence[:, 0] = confidence[:, 1:].max(1).values
-        if is_2d:
-            probabilities, confidence = probabilities[:, :, 0], confidence[:, :, 0]
-        else:
-            probabilities, confidence = slices_to_patch(probabilities, axis), slices_to_patch(confidence, axis)
-        _synchronize(device)
-        return GeneralistOutput(probabilities=probabilities, prompted=prompted,
-                                confidence=confidence if has_scores else None,
-                                seconds=time.perf_counter() - t0, num_encoded=num_encoded)
+        return assemble_output(foreground, confidence, prompted, has_scores, self.config.background, is_2d, axis,
+                               device, t0, num_encoded)

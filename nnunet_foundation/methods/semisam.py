@@ -184,13 +184,16 @@ class SAMGuidance:
         def sliced(t):
             return t.unsqueeze(2) if is_2d else patch_to_slices(t, axis)
 
-        prompts = generate_prompts(sliced(probs), first.config.prompt_settings(), first._generator)
-        seconds = 0.0
-        for click in range(self.ssl_settings["sam_clicks"]):
-            if click:
-                prompts = add_disagreement_clicks(prompts, sliced(out.probabilities), sliced(probs))
+        def prompted(prompts):
             outputs = [m(x, probs, prompts) for m in self.generalist_members()]
-            out = combine_outputs(outputs, self.ssl_settings["generalist_combination"])
+            return combine_outputs(outputs, self.ssl_settings["generalist_combination"])
+
+        prompts = generate_prompts(sliced(probs), first.config.prompt_settings(), first._generator)
+        out = prompted(prompts)
+        seconds = out.seconds
+        for _ in range(1, self.ssl_settings["sam_clicks"]):
+            prompts = add_disagreement_clicks(prompts, sliced(out.probabilities), sliced(probs))
+            out = prompted(prompts)
             seconds += out.seconds
         out.seconds = seconds
         return out

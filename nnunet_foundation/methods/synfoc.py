@@ -271,7 +271,7 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         x_l, target = labeled["data"], labeled["target"]
         y_l = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
         x_w, x_s = unlabeled["data"], unlabeled["data_strong"]
-        n_l, n_u, k = x_l.shape[0], x_w.shape[0], self.label_manager.num_segmentation_heads
+        n_l, n_u = x_l.shape[0], x_w.shape[0]
         with torch.no_grad():
             p_teacher_u = torch.softmax(self.as_list(self.teacher(x_w))[0].float(), 1)
             p_student_u = torch.softmax(self.as_list(self.network(x_w))[0].float(), 1)
