@@ -181,3 +181,26 @@ def test_every_subcommand_has_help():
         assert name in top
         proc = run_cli(["nnunet-foundation", name, "--help"], dict(os.environ))
         assert "usage: nnunet-foundation " + name in proc.stdout
+
+
+def test_every_trainer_keeps_nnunets_init_signature():
+    """nnU-Net's __init__ stores its arguments with locals()[name] for each parameter of type(self).__init__, so a
+    trainer whose __init__ takes *args/**kwargs fails inside nnUNetv2_train with KeyError: 'args'."""
+    import importlib.util
+    import inspect
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    expected = list(inspect.signature(nnUNetTrainer.__init__).parameters)
+    checked = []
+    for path in sorted((REPO / "trainers").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"_trainers_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for name, cls in vars(module).items():
+            if isinstance(cls, type) and issubclass(cls, nnUNetTrainer) and cls is not nnUNetTrainer:
+                assert list(inspect.signature(cls.__init__).parameters) == expected, name
+                checked.append(name)
+    assert {"nnUNetTrainerSemiSAM", "nnUNetTrainerSynFoC", "nnUNetTrainerCPS"} <= set(checked)

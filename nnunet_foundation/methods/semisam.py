@@ -77,8 +77,11 @@ class SAMGuidance:
     }
     sam_log_keys = ("sam_loss", "sam_weight", "generalist_seconds", "generalist_agreement")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # nnU-Net's __init__ records its caller's arguments by name (locals()[name] for every parameter of
+    # type(self).__init__), so a trainer's __init__ must keep exactly nnU-Net's signature: no *args/**kwargs.
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         # settings errors surface now, before data loading or any model is built
         self.generalist_configs = self.resolve_generalist_configs()
         self.generalist = None

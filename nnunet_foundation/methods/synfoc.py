@@ -203,8 +203,11 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
     }
     ssl_log_keys = ("unsup_loss", "unsup_weight", "alpha", "confident_fraction", "agreement")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # nnU-Net's __init__ records its caller's arguments by name (locals()[name] for every parameter of
+    # type(self).__init__), so a trainer's __init__ must keep exactly nnU-Net's signature: no *args/**kwargs.
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         s = self.ssl_settings
         if s["alpha_strategy"] not in ALPHA_STRATEGIES:
             raise ValueError(f"{type(self).__name__}: alpha_strategy must be one of {ALPHA_STRATEGIES}, got "
