@@ -13,7 +13,8 @@
 # (default ../shared/data/Task04_Hippocampus). Converting and planning are skipped when already done; finished runs
 # are skipped and a killed run resumes, so the same command continues an interrupted benchmark.
 # With COST_JSON=file, the trainer cost table (benchmarks/trainer_cost.py, measured before any training starts so
-# that nothing else shares the machine) goes into the report; an existing file is reused.
+# that nothing else shares the machine) goes into the report; an existing file is reused. COST_TRAINERS adds trainers
+# to it (SAM-guided ones need their generalist configured), COST_ARGS adds options (on a CPU: --batch-size 2).
 set -euo pipefail
 DEVICE=${1:?usage: hippocampus.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 BUDGET=${2:?usage: hippocampus.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
@@ -48,7 +49,8 @@ if [ -n "${COST_JSON:-}" ]; then
     if [ ! -f "$COST_JSON" ]; then
         echo "== trainer cost (fold 0: 2 labeled cases + unlabeled), before any training"
         python "$(dirname "$0")/trainer_cost.py" -d 4 -c 3d_fullres -f 0 --device "$DEVICE" \
-            --trainers nnUNetTrainerMeanTeacher nnUNetTrainerUAMT nnUNetTrainerCPS ${COST_TRAINERS:-} --json "$COST_JSON"
+            --trainers nnUNetTrainerMeanTeacher nnUNetTrainerUAMT nnUNetTrainerCPS ${COST_TRAINERS:-} ${COST_ARGS:-} \
+            --json "$COST_JSON"
     fi
     COST=(--cost "$COST_JSON")
 fi
