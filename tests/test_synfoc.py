@@ -46,6 +46,41 @@ def assert_tensors_equal(a, b):
         assert a == b
 
 
+def train_until_first_checkpoint(command: list, env: dict, checkpoint: Path, timeout: float = 600) -> dict:
+    """Run nnUNetv2_train and kill it (the whole process group, like a lost cluster job) as soon as ``checkpoint``
+    is completely written; returns the loaded checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    proc = subprocess.Popen([str(BIN / command[0]), *map(str, command[1:])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"training ended (rc {proc.returncode}) before it could be interrupted:\n"
+                                     f"{proc.stdout.read()[-4000:]}")
+            if checkpoint.exists():
+                try:
+                    state = load(checkpoint)  # fails while torch.save is still writing
+                except Exception:
+                    pass
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return state
+            time.sleep(0.05)
+        raise AssertionError(f"{checkpoint} did not appear within {timeout} s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
 def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_checkpoint, tmp_path, configuration):
@@ -54,11 +89,22 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     preprocess_unlabeled_cli(env, (configuration,))
     env["nnUNet_ssl_generalist"] = json.dumps({"backend": "sam", "model_type": "tiny",
                                                "checkpoint": str(sam_checkpoint)})
-    run_cli(["nnUNetv2_train", SYNTHETIC_ID, configuration, 0, "-tr", SYNFOC, "-device", "cpu"], env)
+    train = ["nnUNetv2_train", SYNTHETIC_ID, configuration, 0, "-tr", SYNFOC, "-device", "cpu"]
     out = folder(env, configuration)
+    # interrupt a real run after its first epoch (its first checkpoint_best.pth), then resume it with --c
+    interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
+    assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
+    assert not (out / "checkpoint_final.pth").exists()
+    resumed = run_cli(train + ["--c"], env)
+    assert "checkpoint_best.pth" in resumed.stdout + resumed.stderr  # nnU-Net's --c picked the interrupted state
     final = load(out / "checkpoint_final.pth")
     ssl = final["ssl_state"]
-    assert ssl["iteration"] == 8
+    assert final["current_epoch"] == 2 and ssl["iteration"] == 8  # counters continued, not restarted
+    for key, values in interrupted["logging"].items():  # epoch 0 kept from the interrupted run, epoch 1 added
+        assert final["logging"][key][:1] == values[:1] and len(final["logging"][key]) == 2, key
+    # the resumed run started from the interrupted SAM student/teacher: the teacher kept moving from there
+    assert any(not torch.equal(ssl["sam_teacher"][k], interrupted["ssl_state"]["sam_teacher"][k])
+               for k in ssl["sam_teacher"])
     logging = final["logging"]
     assert all(0.0 <= a <= 1.0 for a in logging["alpha"]) and all(0 <= f <= 1 for f in logging["agreement"])
     # only LoRA, prompt encoder/decoder and head weights are in the SAM state, and they moved from their start
@@ -97,8 +143,89 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
              "--disable_progress_bar"], env_predict)
     assert len(list(pred.glob("*.nii.gz"))) == 2
 
+    # the SAM student through nnU-Net's predictor: one segmentation per case on the input's grid
+    import SimpleITK as sitk
+
+    images = Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"
+    sam_pred = tmp_path / "pred_sam"
+    command = ["nnunet-foundation", "predict-sam-student", "-i", images, "-o", sam_pred, "-d", SYNTHETIC_ID,
+               "-c", configuration, "-tr", SYNFOC, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1]
+    proc = run_cli(command, env_predict)
+    assert "2 case(s) segmented by the SAM student" in proc.stdout
+    labels = set(json.loads((Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "dataset.json").read_text())
+                 ["labels"].values())
+    for case in sorted(pred.glob("*.nii.gz")):
+        ours, reference = sitk.ReadImage(str(sam_pred / case.name)), sitk.ReadImage(str(case))
+        assert ours.GetSize() == reference.GetSize() and ours.GetSpacing() == reference.GetSpacing()
+        assert ours.GetOrigin() == reference.GetOrigin()
+        assert set(sitk.GetArrayFromImage(ours).ravel().tolist()) <= labels
+
+    # clear errors: base weights moved away, and a checkpoint without a fine-tuned SAM
+    missing = tmp_path / "moved" / "tiny_sam.pth"
+    proc = run_cli(command + ["--sam-checkpoint", missing], env_predict, check=False)
+    assert proc.returncode == 2 and str(missing) in proc.stderr and "--sam-checkpoint" in proc.stderr
+    plain = tmp_path / "plain_model"
+    (plain / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        (plain / name).write_bytes((out.parent / name).read_bytes())
+    del final["ssl_state"]
+    torch.save(final, plain / "fold_0" / "checkpoint_final.pth")
+    proc = run_cli(["nnunet-foundation", "predict-sam-student", "-i", images, "-o", tmp_path / "none", "-m", plain,
+                    "-device", "cpu"], env_predict, check=False)
+    assert proc.returncode == 2 and "holds no fine-tuned SAM" in proc.stderr and "nnUNetv2_predict" in proc.stderr
+
 
 def test_synfoc_without_a_sam_model_fails_early(trainer_factory, monkeypatch):
     monkeypatch.delenv("nnUNet_ssl_generalist", raising=False)
     with pytest.raises(ValueError, match="nnUNet_ssl_generalist"):
         trainer_factory(SYNFOC)
+
+
+def test_training_steps_change_only_sams_adapted_tensors(trainer_factory, sam_checkpoint, monkeypatch):
+    """Through the trainer's own steps: every frozen SAM tensor (image encoder weights, and the SAM teacher's copy) is
+    bit-identical afterwards, the adapted ones (LoRA, decoder, head) of the SAM student moved, and the nnU-Net
+    student learned too."""
+    preprocess_unlabeled_cli(trainer_factory.env, ("3d_fullres",))
+    monkeypatch.setenv("nnUNet_ssl_generalist", json.dumps({"backend": "sam", "model_type": "tiny",
+                                                            "checkpoint": str(sam_checkpoint)}))
+    t = trainer_factory(SYNFOC)
+    t.on_train_start()
+    t.on_train_epoch_start()  # as nnU-Net's loop does: switches the SAM student's adapted modules to training
+    t.unsup_weight = lambda: 1.0  # the unlabeled terms count from the first step (the ramp-up starts near 0)
+    adapted = {n for n, _ in t.sam_student.named_parameters() if t.sam_student.is_trainable_parameter(n)}
+    assert any(".lora_" in n for n in adapted) and any(n.startswith("multiclass_head.") for n in adapted)
+    before_student = {n: v.clone() for n, v in t.sam_student.state_dict().items()}
+    before_teacher = {n: v.clone() for n, v in t.sam_teacher.state_dict().items()}
+    before_unet = {n: v.clone() for n, v in t.network.state_dict().items()}
+    for _ in range(2):
+        t.train_step(next(t.dataloader_train))
+    after_student, after_teacher = t.sam_student.state_dict(), t.sam_teacher.state_dict()
+    frozen = [n for n in before_student if n not in adapted]
+    assert any(n.startswith("sam.image_encoder.") for n in frozen)
+    assert [n for n in frozen if not torch.equal(before_student[n], after_student[n])] == []
+    assert [n for n in frozen if not torch.equal(before_teacher[n], after_teacher[n])] == []
+    moved = [n for n in adapted if not torch.equal(before_student[n], after_student[n])]
+    assert any(".lora_b" in n for n in moved) and any(n.startswith("multiclass_head.") for n in moved)
+    assert any(not torch.equal(before_unet[n], v) for n, v in t.network.state_dict().items())
+
+
+def test_sam_student_network_loads_each_folds_adapted_tensors(sam_checkpoint):
+    """SAMStudentNetwork is what nnU-Net's predictor runs: its forward is the head's slice-wise segmentation, and
+    load_state_dict (called by the predictor per fold) swaps in a fold's adapted tensors, strictly."""
+    from nnunet_foundation.foundation.config import build_generalist
+    from nnunet_foundation.foundation.lora import adaptable_state_dict
+    from nnunet_foundation.sam_student import SAMStudentNetwork
+
+    config = {"backend": "sam", "model_type": "tiny", "checkpoint": str(sam_checkpoint), "lora_rank": 2,
+              "train_decoder": True, "multiclass_head": True, "num_classes": 3, "spacing": [3.0, 1.0, 1.0]}
+    network = SAMStudentNetwork(build_generalist(config)).eval()
+    x = torch.randn(1, 1, 4, 24, 24)
+    with torch.no_grad():
+        first = network(x)
+        assert first.shape == (1, 3, 4, 24, 24)
+        assert torch.equal(first, network.generalist.multiclass_head.segment_patches(network.generalist, x))
+        other = {n: v + 0.05 * torch.randn_like(v) for n, v in adaptable_state_dict(network.generalist).items()}
+        network.load_state_dict(other)
+        assert not torch.allclose(network(x), first)
+    with pytest.raises(ValueError, match="missing keys"):
+        network.load_state_dict({})

@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.demo",
     "nnunet_foundation.cli.evaluate",
     "nnunet_foundation.cli.benchmark",
+    "nnunet_foundation.cli.predict_sam_student",
 ]
 
 

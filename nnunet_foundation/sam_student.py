@@ -1,0 +1,142 @@
+"""Predict with the fine-tuned SAM student of a SynFoC run, the way ``nnUNetv2_predict`` predicts with nnU-Net.
+
+SynFoC trains two students; ``network_weights`` (what ``nnUNetv2_predict`` runs) is the nnU-Net one. The SAM
+student's adapted tensors (LoRA, prompt encoder/decoder, multi-class head) and the configuration of its base SAM
+checkpoint are in the same ``checkpoint_*.pth`` under ``ssl_state``. This module rebuilds that SAM, loads the adapted
+tensors, and hands it to nnU-Net's own predictor, so both students see identical preprocessing, sliding windows,
+mirroring and export and their scores can be compared directly::
+
+    nnunet-foundation predict-sam-student -i imagesTs -o pred_sam -d 4 -c 3d_fullres -f 0 -tr nnUNetTrainerSynFoC
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+
+class SAMStudentNetwork(nn.Module):
+    """A SAM generalist with a multi-class head as an nnU-Net inference network:
+    ``(B, C, [D,] H, W)`` patches -> ``(B, num_classes, [D,] H, W)`` logits, slice-wise as in training."""
+
+    def __init__(self, generalist):
+        super().__init__()
+        self.generalist = generalist
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generalist.multiclass_head.segment_patches(self.generalist, x)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # nnUNetPredictor calls load_state_dict with each fold's parameters before predicting with that fold. A
+        # fold's parameters here are its adapted tensors only: the frozen SAM backbone is the same for every fold
+        # and stays loaded once. (strict/assign are accepted for the nn.Module signature; loading is always strict.)
+        from nnunet_foundation.foundation.lora import load_adaptable_state_dict
+
+        load_adaptable_state_dict(self.generalist, state_dict)
+
+
+def _fold_checkpoint(model_folder: Path, fold: Union[int, str], checkpoint_name: str) -> Path:
+    path = model_folder / f"fold_{fold}" / checkpoint_name
+    if not path.is_file():
+        available = sorted(p.name for p in (model_folder / f"fold_{fold}").glob("checkpoint_*.pth")) \
+            if (model_folder / f"fold_{fold}").is_dir() else []
+        hint = (f"checkpoints in that fold: {', '.join(available)}; pick one with -chk" if available else
+                f"train it first: nnUNetv2_train DATASET CONFIGURATION {fold} -tr TRAINER")
+        raise FileNotFoundError(f"no checkpoint {path}; {hint}")
+    return path
+
+
+def load_sam_students(model_folder: Union[str, Path], folds: Sequence[Union[int, str]],
+                      checkpoint_name: str = "checkpoint_final.pth", use_teacher: bool = False,
+                      sam_checkpoint: Optional[str] = None, device: torch.device = torch.device("cpu")):
+    """Build the SAM student of one or more SynFoC folds.
+
+    Returns ``(network, parameters, checkpoint_info)``: one :class:`SAMStudentNetwork` (base SAM loaded once),
+    the adapted tensors of every fold (for nnU-Net's fold ensembling), and the first fold's checkpoint fields that
+    nnU-Net's predictor needs (trainer name, configuration, mirroring axes).
+    ``use_teacher`` takes the EMA teacher's tensors instead of the student's. ``sam_checkpoint`` replaces the path
+    of the base SAM weights recorded at training time (for a run moved to another machine).
+    """
+    from nnunet_foundation.foundation.config import build_generalist
+
+    model_folder = Path(model_folder)
+    parameters: List[dict] = []
+    sam_config = info = None
+    key = "sam_teacher" if use_teacher else "sam_student"
+    for fold in folds:
+        path = _fold_checkpoint(model_folder, fold, checkpoint_name)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        ssl_state = checkpoint.get("ssl_state") or {}
+        if "sam_config" not in ssl_state or key not in ssl_state:
+            raise ValueError(f"{path} holds no fine-tuned SAM (trainer {checkpoint.get('trainer_name')!r}); only "
+                             f"SynFoC checkpoints (-tr nnUNetTrainerSynFoC...) have one. For the nnU-Net network "
+                             f"use nnUNetv2_predict.")
+        config = dict(ssl_state["sam_config"])
+        if sam_checkpoint is not None:
+            config["checkpoint"] = str(sam_checkpoint)
+        if sam_config is None:
+            sam_config = config
+            info = {"trainer_name": checkpoint["trainer_name"],
+                    "configuration": checkpoint["init_args"]["configuration"],
+                    "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes"),
+                    "checkpoint_files": []}
+        elif config != sam_config:
+            changed = sorted(k for k in set(config) | set(sam_config) if config.get(k) != sam_config.get(k))
+            raise ValueError(f"{path}: its SAM configuration differs from fold {folds[0]}'s in {changed}; folds "
+                             f"with different base models cannot be ensembled, predict them separately")
+        parameters.append(dict(ssl_state[key]))
+        info["checkpoint_files"].append(str(path))
+
+    base = sam_config.get("checkpoint")
+    if base and not Path(base).is_file():
+        raise FileNotFoundError(
+            f"the base SAM weights {base} are missing: a SynFoC checkpoint stores only the adapted tensors (LoRA, "
+            f"decoder, head) and rebuilds the rest from the checkpoint it was trained from. Pass its current "
+            f"location with --sam-checkpoint PATH.")
+    generalist = build_generalist(sam_config)
+    network = SAMStudentNetwork(generalist).to(device)
+    network.load_state_dict(parameters[0])
+    network.eval()
+    return network, parameters, info
+
+
+def predict_sam_student(model_folder: Union[str, Path], input_folder: str, output_folder: str,
+                        folds: Sequence[Union[int, str]] = (0,), checkpoint_name: str = "checkpoint_final.pth",
+                        use_teacher: bool = False, sam_checkpoint: Optional[str] = None,
+                        device: torch.device = torch.device("cpu"), use_mirroring: bool = True,
+                        tile_step_size: float = 0.5, num_processes_preprocessing: int = 3,
+                        num_processes_segmentation_export: int = 3, save_probabilities: bool = False,
+                        verbose: bool = False) -> Tuple[int, dict]:
+    """Segment every case of ``input_folder`` (nnU-Net raw naming) with the SAM student into ``output_folder``.
+
+    Returns ``(number of cases, checkpoint info)``.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    model_folder = Path(model_folder)
+    for name in ("plans.json", "dataset.json"):
+        if not (model_folder / name).is_file():
+            raise FileNotFoundError(f"{model_folder / name} is missing: {model_folder} is not an nnU-Net training "
+                                    f"output folder (expected TRAINER__PLANS__CONFIGURATION with {name})")
+    if not Path(input_folder).is_dir():
+        raise FileNotFoundError(f"input folder {input_folder} does not exist")
+    network, parameters, info = load_sam_students(model_folder, folds, checkpoint_name, use_teacher,
+                                                  sam_checkpoint, device)
+    plans_manager = PlansManager(load_json(str(model_folder / "plans.json")))
+    dataset_json = load_json(str(model_folder / "dataset.json"))
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=device.type == "cuda", device=device,
+                                verbose=verbose, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration(info["configuration"]),
+                                    parameters, dataset_json, info["trainer_name"],
+                                    info["inference_allowed_mirroring_axes"])
+    os.makedirs(output_folder, exist_ok=True)
+    results = predictor.predict_from_files(input_folder, output_folder, save_probabilities=save_probabilities,
+                                           overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
+                                           num_processes_segmentation_export=num_processes_segmentation_export)
+    return len(results) if results is not None else 0, info
