@@ -385,3 +385,6 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.ssl_iteration = int(ssl_state["iteration"])
         self.load_ssl_state_dict(ssl_state)
         self._ssl_state_restored = True
+        # nnU-Net's --c silently picks checkpoint_final, _latest or _best; say which one and where it continues
+        self.print_to_log_file(f"Resumed from {source}: epoch {self.current_epoch}, semi-supervised iteration "
+                               f"{self.ssl_iteration}")
