@@ -4,11 +4,13 @@
 #   bash benchmarks/hippocampus.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]
 #
 #   DEVICE         cpu or cuda
-#   BUDGET         a budget name (cpu200, gpu1k, ...; see README "Budgets")
+#   BUDGET         a budget name (cpu2d, gpu1k, ...; see README "Budgets")
 #   OUTPUT         folder for the benchmark's report, predictions and logs
 #   PARALLEL_JOBS  runs trained at the same time (default 1). On one GPU several short runs share the card well:
 #                  nnU-Net's CPU data augmentation, not the GPU, limits a single small-patch run.
 #
+# CONFIGURATION (default 3d_fullres) picks the nnU-Net configuration; the CPU study uses CONFIGURATION=2d with the
+# cpu2d budget, because 3d_fullres learns too slowly for a CPU session (see docs/benchmarks/hippocampus_cpu2d.md).
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported, and the MSD data at $HIPPOCAMPUS_MSD
 # (default ../shared/data/Task04_Hippocampus). Converting and planning are skipped when already done; finished runs
 # are skipped and a killed run resumes, so the same command continues an interrupted benchmark.
@@ -21,12 +23,13 @@ BUDGET=${2:?usage: hippocampus.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 OUTPUT=${3:?usage: hippocampus.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 JOBS=${4:-1}
 MSD=${HIPPOCAMPUS_MSD:-$(dirname "$0")/../../shared/data/Task04_Hippocampus}
+CONFIGURATION=${CONFIGURATION:-3d_fullres}
 NP=${NNUNET_NP:-$(( $(nproc) > 8 ? 8 : $(nproc) ))}
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 
 # The benchmark's settings: two labeled counts, one seed, Mean Teacher and CPS against both bounds, 40 held-out
 # test cases (never trained, validated or selected on), 4 validation cases per fold.
-ARGS=(-d 4 -c 3d_fullres --labeled 2 4 --seeds 0 --num-val 4 --test-cases 40 --test-seed 0
+ARGS=(-d 4 -c "$CONFIGURATION" --labeled 2 4 --seeds 0 --num-val 4 --test-cases 40 --test-seed 0
       --trainers nnUNetTrainerMeanTeacher nnUNetTrainerCPS --budget "$BUDGET" --device "$DEVICE" -np "$NP"
       --output "$OUTPUT")
 
@@ -34,9 +37,9 @@ if [ ! -f "$nnUNet_raw/Dataset004_Hippocampus/dataset.json" ]; then
     echo "== converting $MSD into $nnUNet_raw/Dataset004_Hippocampus"
     nnUNetv2_convert_MSD_dataset -i "$MSD" -np "$NP"
 fi
-if [ ! -f "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans.json" ]; then
-    echo "== planning and preprocessing (3d_fullres)"
-    nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres -np "$NP"
+if [ ! -d "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_$CONFIGURATION" ]; then
+    echo "== planning and preprocessing ($CONFIGURATION)"
+    nnUNetv2_plan_and_preprocess -d 4 -c "$CONFIGURATION" -np "$NP"
 fi
 
 # Prepare once (splits, held-out test data) and write one job line per unfinished run.
@@ -48,7 +51,7 @@ if [ -n "${COST_JSON:-}" ]; then
     export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
     if [ ! -f "$COST_JSON" ]; then
         echo "== trainer cost (fold 0: 2 labeled cases + unlabeled), before any training"
-        python "$(dirname "$0")/trainer_cost.py" -d 4 -c 3d_fullres -f 0 --device "$DEVICE" \
+        python "$(dirname "$0")/trainer_cost.py" -d 4 -c "$CONFIGURATION" -f 0 --device "$DEVICE" \
             --trainers nnUNetTrainerMeanTeacher nnUNetTrainerUAMT nnUNetTrainerCPS ${COST_TRAINERS:-} ${COST_ARGS:-} \
             --json "$COST_JSON"
     fi

@@ -30,8 +30,13 @@ BUDGETS = {
     "smoke": Budget(2, 4, 2, batch_size=2, description="2 epochs x 4 iterations, batch 2 (plumbing checks only)"),
     # the demo (nnunet-foundation demo): a few minutes on a laptop CPU for two trainers
     "demo": Budget(15, 10, 2, batch_size=2, description="15 epochs x 10 iterations, batch 2 (CPU demo)"),
-    # the shortest CPU benchmark that separates the bounds on Hippocampus (about 7 min for nnUNetTrainer, 3d_fullres)
+    # a very short 3d_fullres CPU run (about 3 min for nnUNetTrainer on Hippocampus); too short to learn from 2
+    # labeled Hippocampus cases (test Dice 0.00 on 2026-11-23), so use cpu2d for a CPU study
     "cpu200": Budget(20, 10, 2, batch_size=2, description="20 epochs x 10 iterations, batch 2 (short CPU benchmark)"),
+    # the CPU study: a 2d configuration, 1500 iterations of 16 slices (Hippocampus 2d: 0.14 s per nnUNetTrainer
+    # iteration on 2 cores, against 0.8 s for one 3d_fullres iteration at batch 2)
+    "cpu2d": Budget(20, 75, 5, batch_size=16,
+                    description="20 epochs x 75 iterations, batch 16 (CPU benchmark of a 2d configuration)"),
     # a CPU benchmark: 500 iterations at batch 2 (about 10-15 min per 3d_fullres run on 2 cores for Hippocampus)
     "cpu500": Budget(20, 25, 5, batch_size=2, description="20 epochs x 25 iterations, batch 2 (CPU benchmark)"),
     # a short GPU benchmark: 1000 iterations at the plan's batch size (Hippocampus: ~15 min for 7 runs sharing one
