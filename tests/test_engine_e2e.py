@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import blosc2

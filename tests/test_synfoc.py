@@ -175,9 +175,13 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     assert proc.returncode == 2 and "holds no fine-tuned SAM" in proc.stderr and "nnUNetv2_predict" in proc.stderr
 
 
-def test_synfoc_without_a_sam_model_fails_early(trainer_factory, monkeypatch):
+def test_synfoc_without_a_sam_model_fails_early(trainer_factory, monkeypatch, tmp_path):
     monkeypatch.delenv("nnUNet_ssl_generalist", raising=False)
     with pytest.raises(ValueError, match="nnUNet_ssl_generalist"):
+        trainer_factory(SYNFOC)
+    missing = tmp_path / "medsam_vit_b.pth"  # refused when the trainer is built, before any data is loaded
+    monkeypatch.setenv("nnUNet_ssl_generalist", json.dumps({"backend": "medsam", "checkpoint": str(missing)}))
+    with pytest.raises(ValueError, match=f"{missing}.*not found"):
         trainer_factory(SYNFOC)
 
 

@@ -195,6 +195,16 @@ def parse_generalist_setting(value: Union[str, Mapping, Sequence, None]
     return GeneralistConfig.from_dict(value)
 
 
+def require_checkpoint_file(config: GeneralistConfig, setting: str) -> None:
+    """Fail at trainer construction, before data loading or model building, when a configured checkpoint file is
+    missing; ``setting`` names where the user configured it."""
+    if config.checkpoint is not None and not os.path.isfile(os.path.expanduser(config.checkpoint)):
+        raise GeneralistConfigError(
+            f"generalist checkpoint {config.checkpoint} not found (backend {config.backend}, model_type "
+            f"{config.model_type}). Download it with setup_scripts/download_checkpoints.sh or fix the path in "
+            f"'{setting}'.")
+
+
 # -------------------------------------------------------------------------------------------- backend registry
 @dataclass
 class BackendSpec:

@@ -28,7 +28,6 @@ Inference uses the specialist only (the EMA teacher, as for Mean Teacher), with 
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Optional
 
 import torch
@@ -103,23 +102,23 @@ class SAMGuidance:
         if raw in (None, "", []):
             raise SemiSAMError(f"{type(self).__name__} needs at least one foundation model as generalist, and none "
                                f"is configured.\n{CONFIGURE_HINT}")
+        from nnunet_foundation.foundation.config import GeneralistConfig, require_checkpoint_file
+
         try:
             if isinstance(raw, str):
                 raw = parse_generalist_setting(raw)
                 raw = [c.to_dict() for c in (raw if isinstance(raw, list) else [raw])]
             user = [dict(c) for c in (raw if isinstance(raw, list) else [raw])]
             configs = [self.complete_generalist_config(c) for c in user]
-            from nnunet_foundation.foundation.config import GeneralistConfig
-
             checked = [GeneralistConfig.from_dict(c) for c in configs]  # validates every key and value now
         except GeneralistConfigError as e:
             raise SemiSAMError(f"{type(self).__name__}: invalid generalist configuration: {e}\n{CONFIGURE_HINT}") \
                 from None
         for c in checked:
-            if c.checkpoint is not None and not os.path.isfile(c.checkpoint):
-                raise SemiSAMError(f"{type(self).__name__}: generalist checkpoint {c.checkpoint} not found "
-                                   f"(backend {c.backend}, model_type {c.model_type}). Download it with "
-                                   f"setup_scripts/download_checkpoints.sh or fix the path in 'generalists'.")
+            try:
+                require_checkpoint_file(c, "generalists")
+            except GeneralistConfigError as e:
+                raise SemiSAMError(f"{type(self).__name__}: {e}") from None
         if s["prompt_mode"] != "mask" and len({c.axis for c in checked}) > 1:
             raise SemiSAMError("point/unc prompts are shared by all generalists: give them the same 'axis'")
         return configs

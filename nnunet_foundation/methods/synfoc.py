@@ -215,7 +215,8 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         self.sam_config = self._sam_config()
 
     def _sam_config(self) -> dict:
-        from nnunet_foundation.foundation.config import GeneralistConfig, parse_generalist_setting
+        from nnunet_foundation.foundation.config import (GeneralistConfig, parse_generalist_setting,
+                                                         require_checkpoint_file)
         from nnunet_foundation.methods.semisam import CONFIGURE_HINT
 
         raw = self.ssl_settings["generalist"]
@@ -232,7 +233,7 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
                              f"backends, not {parsed.backend!r}")
         if len(self.configuration_manager.patch_size) == 3:
             config["spacing"] = [float(x) for x in self.configuration_manager.spacing]
-        GeneralistConfig.from_dict(config)  # validate now
+        require_checkpoint_file(GeneralistConfig.from_dict(config), "nnUNet_ssl_generalist")  # validate now
         return config
 
     # --------------------------------------------------------------------------------------------- modules

@@ -17,8 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
