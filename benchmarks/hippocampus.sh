@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the committed Hippocampus benchmark (docs/benchmarks/hippocampus_*.md) in one command:
+# Reproduces the committed Hippocampus benchmark (docs/benchmarks/hippocampus_<budget>/) in one command:
 #
 #   bash benchmarks/hippocampus.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]
 #
@@ -10,7 +10,7 @@
 #                  nnU-Net's CPU data augmentation, not the GPU, limits a single small-patch run.
 #
 # CONFIGURATION (default 3d_fullres) picks the nnU-Net configuration; the CPU study uses CONFIGURATION=2d with the
-# cpu2d budget, because 3d_fullres learns too slowly for a CPU session (see docs/benchmarks/hippocampus_cpu2d.md).
+# cpu2d budget, because 3d_fullres learns too slowly for a CPU session (see docs/benchmarks/hippocampus_cpu2d/README.md).
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported, and the MSD data at $HIPPOCAMPUS_MSD
 # (default ../shared/data/Task04_Hippocampus). Converting and planning are skipped when already done; finished runs
 # are skipped and a killed run resumes, so the same command continues an interrupted benchmark.
