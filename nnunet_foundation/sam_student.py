@@ -10,7 +10,6 @@ mirroring and export and their scores can be compared directly::
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -81,14 +80,12 @@ def load_sam_students(model_folder: Union[str, Path], folds: Sequence[Union[int,
             sam_config = config
             info = {"trainer_name": checkpoint["trainer_name"],
                     "configuration": checkpoint["init_args"]["configuration"],
-                    "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes"),
-                    "checkpoint_files": []}
+                    "inference_allowed_mirroring_axes": checkpoint.get("inference_allowed_mirroring_axes")}
         elif config != sam_config:
             changed = sorted(k for k in set(config) | set(sam_config) if config.get(k) != sam_config.get(k))
             raise ValueError(f"{path}: its SAM configuration differs from fold {folds[0]}'s in {changed}; folds "
                              f"with different base models cannot be ensembled, predict them separately")
         parameters.append(dict(ssl_state[key]))
-        info["checkpoint_files"].append(str(path))
 
     base = sam_config.get("checkpoint")
     if base and not Path(base).is_file():
@@ -135,7 +132,6 @@ def predict_sam_student(model_folder: Union[str, Path], input_folder: str, outpu
     predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration(info["configuration"]),
                                     parameters, dataset_json, info["trainer_name"],
                                     info["inference_allowed_mirroring_axes"])
-    os.makedirs(output_folder, exist_ok=True)
     results = predictor.predict_from_files(input_folder, output_folder, save_probabilities=save_probabilities,
                                            overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
                                            num_processes_segmentation_export=num_processes_segmentation_export)

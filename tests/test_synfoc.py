@@ -102,7 +102,7 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     assert final["current_epoch"] == 2 and ssl["iteration"] == 8  # counters continued, not restarted
     for key, values in interrupted["logging"].items():  # epoch 0 kept from the interrupted run, epoch 1 added
         assert final["logging"][key][:1] == values[:1] and len(final["logging"][key]) == 2, key
-    # the resumed run started from the interrupted SAM student/teacher: the teacher kept moving from there
+    # the SAM teacher kept training after the resume (it is not left at the interrupted state)
     assert any(not torch.equal(ssl["sam_teacher"][k], interrupted["ssl_state"]["sam_teacher"][k])
                for k in ssl["sam_teacher"])
     logging = final["logging"]
