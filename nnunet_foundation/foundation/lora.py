@@ -5,9 +5,9 @@ Everything here is switched on by :class:`~nnunet_foundation.foundation.config.G
 ``generalist.freeze()``:
 
 ``lora_rank > 0`` (with ``lora_alpha``)
-    Every image-encoder block's fused ``attn.qkv`` Linear is wrapped in :class:`LoRAQKV`, which adds
-    ``(alpha / rank) * B(A(x))`` to the query and the value thirds of its output (the key third is untouched), as in
-    SAMed / SynFoC. ``B`` starts at zero, so a freshly adapted model computes exactly the function of the checkpoint.
+    Every image-encoder attention block's fused ``attn.qkv`` Linear (SAM's ViT blocks, LiteMedSAM's TinyViT stages) is
+    wrapped in :class:`LoRAQKV`, which adds ``(alpha / rank) * B(A(x))`` to its query and value outputs (the keys are
+    untouched), as in SAMed / SynFoC. ``B`` starts at zero, so a freshly adapted model computes exactly the function of the checkpoint.
 ``train_decoder``
     The prompt encoder and the mask decoder become trainable.
 ``multiclass_head`` (with ``num_classes``, background included)
@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -54,35 +54,49 @@ __all__ = ["LoRAQKV", "apply_lora", "MultiClassMaskHead", "make_adaptable", "ada
 
 # ------------------------------------------------------------------------------------------------------------ LoRA
 class LoRAQKV(nn.Module):
-    """A frozen fused ``qkv`` Linear (``dim -> 3 * dim``, output ordered q, k, v) plus low-rank q and v updates::
+    """A frozen fused ``qkv`` Linear plus low-rank updates of its query and value outputs::
 
         q = base_q(x) + (alpha / rank) * lora_b_q(lora_a_q(x))
         k = base_k(x)
         v = base_v(x) + (alpha / rank) * lora_b_v(lora_a_v(x))
+
+    Which outputs of the fused Linear are q and v depends on the attention implementation: SAM's ViT orders them
+    in thirds (all q, all k, all v; the default), TinyViT (LiteMedSAM) per head (q, k, v of head 0, then head 1,
+    ...); ``q_index`` / ``v_index`` give them (see :func:`qkv_output_layout`).
 
     ``lora_a_*`` are initialised like ``nn.Linear`` (Kaiming uniform), ``lora_b_*`` with zeros, so the wrapped module
     initially returns exactly ``base(x)``. The wrapped Linear stays reachable as ``self.base`` (state-dict keys
     ``base.weight`` / ``base.bias``) and is kept in eval mode by :meth:`train`.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float = 1.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float = 1.0, q_index: Optional[torch.Tensor] = None,
+                 v_index: Optional[torch.Tensor] = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRAQKV wraps an nn.Linear, got {type(base).__name__}")
-        if base.out_features % 3 != 0:
-            raise ValueError(f"a fused qkv Linear has 3 * dim outputs, got {base.out_features}")
+        if (q_index is None) != (v_index is None):
+            raise ValueError("give both q_index and v_index, or neither (SAM's q/k/v thirds)")
+        if q_index is None:
+            if base.out_features % 3 != 0:
+                raise ValueError(f"a fused qkv Linear has 3 * dim outputs, got {base.out_features}")
+            dim = base.out_features // 3
+            q_index, v_index = torch.arange(dim), torch.arange(2 * dim, 3 * dim)
         if int(rank) < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.rank
-        self.dim = base.out_features // 3
+        # not persistent: the layout is a property of the architecture, not state to save
+        self.register_buffer("q_index", torch.as_tensor(q_index, dtype=torch.long, device=base.weight.device),
+                             persistent=False)
+        self.register_buffer("v_index", torch.as_tensor(v_index, dtype=torch.long, device=base.weight.device),
+                             persistent=False)
         kwargs = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_a_q = nn.Linear(base.in_features, self.rank, bias=False, **kwargs)
-        self.lora_b_q = nn.Linear(self.rank, self.dim, bias=False, **kwargs)
+        self.lora_b_q = nn.Linear(self.rank, len(self.q_index), bias=False, **kwargs)
         self.lora_a_v = nn.Linear(base.in_features, self.rank, bias=False, **kwargs)
-        self.lora_b_v = nn.Linear(self.rank, self.dim, bias=False, **kwargs)
+        self.lora_b_v = nn.Linear(self.rank, len(self.v_index), bias=False, **kwargs)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -101,10 +115,11 @@ class LoRAQKV(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.base(x).split(self.dim, dim=-1)
-        q = q + self.scaling * self.lora_b_q(self.lora_a_q(x))
-        v = v + self.scaling * self.lora_b_v(self.lora_a_v(x))
-        return torch.cat([q, k, v], dim=-1)
+        out = self.base(x)
+        delta_q = self.scaling * self.lora_b_q(self.lora_a_q(x))
+        delta_v = self.scaling * self.lora_b_v(self.lora_a_v(x))
+        return out.index_add(-1, self.q_index, delta_q.to(out.dtype)).index_add(-1, self.v_index,
+                                                                                delta_v.to(out.dtype))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -115,26 +130,50 @@ class LoRAQKV(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}"
 
 
+def qkv_output_layout(attention: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(q_index, v_index)`` of an attention module's fused ``qkv`` outputs; ``(None, None)`` for SAM's thirds.
+
+    TinyViT's ``Attention`` (``key_dim``, ``d``, ``num_heads``) views the output as ``(heads, key_dim + key_dim + d)``
+    and splits each head's part into q, k, v; SAM's ViT ``Attention`` reshapes to ``(3, heads, head_dim)``.
+    """
+    if all(hasattr(attention, a) for a in ("key_dim", "d", "num_heads")):
+        per_head = 2 * attention.key_dim + attention.d
+        heads = torch.arange(attention.num_heads).unsqueeze(1) * per_head
+        q = (heads + torch.arange(attention.key_dim)).flatten()
+        v = (heads + 2 * attention.key_dim + torch.arange(attention.d)).flatten()
+        return q, v
+    return None, None
+
+
+def attention_modules(image_encoder: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of every attention block with a fused ``qkv`` Linear (SAM ViT blocks, TinyViT stages)."""
+    return [(n, m) for n, m in image_encoder.named_modules()
+            if n.endswith("attn") and isinstance(getattr(m, "qkv", None), (nn.Linear, LoRAQKV))]
+
+
 def apply_lora(sam: nn.Module, rank: int, alpha: float = 1.0) -> List[str]:
-    """Wrap ``attn.qkv`` of every block of ``sam.image_encoder`` in a :class:`LoRAQKV`.
+    """Wrap the fused ``attn.qkv`` of every attention block of ``sam.image_encoder`` in a :class:`LoRAQKV`.
 
     Returns:
-        the parameter-name prefixes (relative to ``sam``) of the new trainable parameters, one per block:
-        ``"image_encoder.blocks.<i>.attn.qkv.lora_"`` (every parameter whose name starts with one is a LoRA matrix).
+        the parameter-name prefixes (relative to ``sam``) of the new trainable parameters, one per block, e.g.
+        ``"image_encoder.blocks.<i>.attn.qkv.lora_"`` (SAM) or ``"image_encoder.layers.<s>.blocks.<i>.attn.qkv.lora_"``
+        (TinyViT); every parameter whose name starts with one is a LoRA matrix.
     Raises:
         ValueError: ``rank < 1`` or LoRA was already applied.
     """
     if int(rank) < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    blocks = getattr(sam.image_encoder, "blocks", None)
-    if blocks is None:
-        raise TypeError("apply_lora expects a segment_anything Sam whose image encoder has ViT blocks")
+    blocks = attention_modules(sam.image_encoder)
+    if not blocks:
+        raise TypeError("apply_lora expects an image encoder with attention blocks that have a fused qkv Linear "
+                        "(SAM ViT, TinyViT)")
     prefixes = []
-    for i, block in enumerate(blocks):
-        if isinstance(block.attn.qkv, LoRAQKV):
-            raise ValueError(f"LoRA is already applied to image_encoder.blocks.{i}.attn.qkv")
-        block.attn.qkv = LoRAQKV(block.attn.qkv, rank, alpha)
-        prefixes.append(f"image_encoder.blocks.{i}.attn.qkv.lora_")
+    for name, attention in blocks:
+        if isinstance(attention.qkv, LoRAQKV):
+            raise ValueError(f"LoRA is already applied to image_encoder.{name}.qkv")
+        q_index, v_index = qkv_output_layout(attention)
+        attention.qkv = LoRAQKV(attention.qkv, rank, alpha, q_index, v_index)
+        prefixes.append(f"image_encoder.{name}.qkv.lora_")
     return prefixes
 
 
@@ -142,7 +181,7 @@ def apply_lora(sam: nn.Module, rank: int, alpha: float = 1.0) -> List[str]:
 class MultiClassMaskHead(nn.Module):
     """Prompt-free multi-class decoder (SAMed / SynFoC style).
 
-    ``self.decoder`` is a ``segment_anything.modeling.MaskDecoder`` with ``num_multimask_outputs = num_classes``
+    ``self.decoder`` is a SAM ``MaskDecoder`` (the class of the model's own decoder) with ``num_multimask_outputs = num_classes``
     (so ``num_classes + 1`` mask tokens) and the transformer, upscaling and IoU-head sizes of the model's decoder.
     Every parameter whose name and shape match the pretrained decoder starts from its weights (the whole
     transformer, ``iou_token``, ``output_upscaling``, the first ``min(4, num_classes + 1)`` hypernetwork MLPs, the
@@ -155,15 +194,14 @@ class MultiClassMaskHead(nn.Module):
 
     def __init__(self, mask_decoder: nn.Module, num_classes: int):
         super().__init__()
-        from segment_anything.modeling import MaskDecoder
-
         if int(num_classes) < 2:
             raise ValueError(f"a multi-class head needs num_classes >= 2 (including background), got {num_classes}")
         self.num_classes = int(num_classes)
         pretrained = mask_decoder
         iou_head = pretrained.iou_prediction_head
         activation = type(pretrained.output_upscaling[2])
-        self.decoder = MaskDecoder(
+        # the decoder's own class: segment_anything's, or the copy LiteMedSAM's package ships
+        self.decoder = type(pretrained)(
             transformer_dim=pretrained.transformer_dim,
             transformer=copy.deepcopy(pretrained.transformer),
             num_multimask_outputs=self.num_classes,
@@ -255,8 +293,9 @@ def make_adaptable(generalist) -> List[str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config.seed))
         if config.lora_rank > 0:
-            prefixes += [f"sam.{p}" for p in apply_lora(sam, config.lora_rank, config.lora_alpha)]
-            module_names += [f"sam.image_encoder.blocks.{i}.attn.qkv" for i in range(len(sam.image_encoder.blocks))]
+            lora_prefixes = apply_lora(sam, config.lora_rank, config.lora_alpha)
+            prefixes += [f"sam.{p}" for p in lora_prefixes]
+            module_names += [f"sam.{p[:-len('.lora_')]}" for p in lora_prefixes]
         if config.train_decoder:
             prefixes += ["sam.prompt_encoder.", "sam.mask_decoder."]
             module_names += ["sam.prompt_encoder", "sam.mask_decoder"]

@@ -94,7 +94,8 @@ class SAMGeneralist(SliceGeneralist):
         super().__init__(config)
         self.sam = sam
         self.img_size = int(sam.image_encoder.img_size)
-        self.medsam = config.backend == "medsam"
+        # MedSAM was trained on squashed 1024 x 1024 inputs; SAM keeps the aspect ratio (ResizeLongestSide)
+        self.keep_aspect = config.backend != "medsam"
         self.multiclass_head = None  # set by lora.make_adaptable for prompt-free multi-class decoding
         # least recently used first; embeddings kept on their device (see cached_encode)
         self._embedding_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -102,15 +103,18 @@ class SAMGeneralist(SliceGeneralist):
         self.cache_hits = 0
 
     # ------------------------------------------------------------------------------------ image side
-    def _to_model_input(self, slices: torch.Tensor) -> Tuple[torch.Tensor, object]:
-        """``(N, h, w)`` nnU-Net intensities -> ``(N, 3, T, T)`` encoder input and its resize geometry."""
-        geometry = compute_resize_geometry(slices.shape[-2:], self.img_size, keep_aspect=not self.medsam)
-        if self.medsam:
-            rgb = to_medsam_intensities(slices)
-        else:
-            rgb = to_sam_intensities(slices, self.sam.pixel_mean.flatten(), self.sam.pixel_std.flatten())
+    def to_model_intensities(self, slices: torch.Tensor) -> torch.Tensor:
+        """``(N, h, w)`` nnU-Net intensities -> ``(N, 3, h, w)`` in the units the encoder was trained on."""
+        if self.config.backend == "medsam":
+            return to_medsam_intensities(slices)
+        return to_sam_intensities(slices, self.sam.pixel_mean.flatten(), self.sam.pixel_std.flatten())
+
+    def _to_model_input(self, slices: torch.Tensor, size: Optional[int] = None) -> Tuple[torch.Tensor, object]:
+        """``(N, h, w)`` nnU-Net intensities -> ``(N, 3, S, S)`` encoder input (or stitching tiles of ``size``)
+        and its resize geometry."""
+        geometry = compute_resize_geometry(slices.shape[-2:], size or self.img_size, keep_aspect=self.keep_aspect)
         # SAM pads after normalisation, so the padding is 0 in normalised units
-        return resize_to_model(rgb, geometry), geometry
+        return resize_to_model(self.to_model_intensities(slices), geometry), geometry
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -200,7 +204,7 @@ class SAMGeneralist(SliceGeneralist):
         if self.config.stitch and self._stitch_grid((h, w)) > 1:
             grid = self._stitch_grid((h, w))
             layout = StitchLayout(slices.shape[0], grid, self.img_size)
-            tiles, tile_geometry = self._to_tiles(slices, layout.tile)
+            tiles, tile_geometry = self._to_model_input(slices, layout.tile)
             embeddings = self.encode(stitch(tiles, layout))
             mosaic_of = [layout.location(i)[0] for i in range(slices.shape[0])]
             offsets = [layout.offset_xy(i) for i in image_index]
@@ -218,15 +222,6 @@ class SAMGeneralist(SliceGeneralist):
         low_res, iou = self._decode(embeddings[index], points, labels, boxes, masks)
         logits = resize_from_model(upsample_low_res(low_res, self.img_size), geometry)
         return logits[:, 0], iou, encoded
-
-    def _to_tiles(self, slices: torch.Tensor, tile: int):
-        """Each slice resized into a ``tile x tile`` cell with the same rules as a full model input."""
-        geometry = compute_resize_geometry(slices.shape[-2:], tile, keep_aspect=not self.medsam)
-        if self.medsam:
-            rgb = to_medsam_intensities(slices)
-        else:
-            rgb = to_sam_intensities(slices, self.sam.pixel_mean.flatten(), self.sam.pixel_std.flatten())
-        return resize_to_model(rgb, geometry), geometry
 
     def _decode(self, embeddings, points, labels, boxes, masks):
         pe = self.sam.prompt_encoder
