@@ -54,7 +54,7 @@ def test_settings_layers_and_errors(tmp_path):
     names = ["nnUNetTrainerX_smoke", "nnUNetTrainerX", "nnUNetTrainer"]
     cfg = tmp_path / "ssl.json"
     cfg.write_text(json.dumps({"unsup_weight": 0.5, "nnUNetTrainerX": {"mode": "linear"},
-                               "nnUNetTrainerOther": {"mode": "none"}}))
+                               "nnUNetTrainerCPS": {"mode": "none"}}))
     env = {"nnUNet_ssl_config": str(cfg), "nnUNet_ssl_unlabeled_batch_size": "4", "nnUNet_ssl_flag": "false"}
     s = resolve_settings(defaults, names, env)
     assert s == {"unlabeled_batch_size": 4, "unsup_weight": 0.5, "flag": False, "mode": "linear"}
@@ -67,6 +67,41 @@ def test_settings_layers_and_errors(tmp_path):
         resolve_settings(defaults, names, {"nnUNet_ssl_config": str(cfg)})
     with pytest.raises(SettingsError, match="file not found"):
         resolve_settings(defaults, names, {"nnUNet_ssl_config": str(tmp_path / "missing.json")})
+
+
+def test_settings_of_other_trainers_are_reported_not_used_and_typos_still_fail(tmp_path):
+    from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
+
+    defaults = nnUNetTrainerMeanTeacher.default_settings
+    names = ["nnUNetTrainerMeanTeacher", "nnUNetTrainer"]
+    not_used = {}
+    # one shell configures SemiSAM's generalists and CPS's settings beside Mean Teacher's
+    env = {"nnUNet_ssl_generalists": '{"backend": "litemedsam"}', "nnUNet_ssl_ema_decay": "0.9"}
+    s = resolve_settings(defaults, names, env, not_used=not_used)
+    assert s["ema_decay"] == 0.9 and "generalists" not in s
+    assert not_used == {"generalists": "environment variable nnUNet_ssl_generalists"}
+    with pytest.raises(SettingsError, match="unknown setting 'generalist'.*Valid settings: .*ema_decay"):
+        resolve_settings(defaults, names, {"nnUNet_ssl_generalist": "{}"})
+
+
+def test_setting_mistakes_that_used_to_pass_are_refused(tmp_path):
+    from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
+
+    defaults = nnUNetTrainerMeanTeacher.default_settings
+    names = ["nnUNetTrainerMeanTeacher", "nnUNetTrainer"]
+    with pytest.raises(SettingsError, match="case matters.*nnUNet_ssl_unsup_weight"):
+        resolve_settings(defaults, names, {"nnUNet_SSL_unsup_weight": "1"})
+    for name, value in (("unsup_weight", "-1"), ("ema_decay", "1.5"), ("ema_decay", "1.0"),
+                        ("rampup_shape", "cosine"), ("rampup_length", "2")):
+        with pytest.raises(SettingsError, match=f"environment variable nnUNet_ssl_{name}: setting '{name}'"):
+            resolve_settings(defaults, names, {f"nnUNet_ssl_{name}": value})
+    cfg = tmp_path / "ssl.json"
+    cfg.write_text(json.dumps({"nnUNetTrainerMeanTeachr": {"ema_decay": 0.5}}))
+    with pytest.raises(SettingsError, match="nnUNetTrainerMeanTeachr.*names no trainer"):
+        resolve_settings(defaults, names, {"nnUNet_ssl_config": str(cfg)})
+    cfg.write_text(json.dumps({"nnUNetTrainerNoMirroring": {"ema_decay": 0.5},  # an nnU-Net trainer: fine
+                               "nnUNetTrainerMeanTeacher_cpu2d": {"ema_decay": 0.7}}))
+    assert resolve_settings(defaults, names, {"nnUNet_ssl_config": str(cfg)})["ema_decay"] == defaults["ema_decay"]
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path):

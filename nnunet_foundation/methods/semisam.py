@@ -40,15 +40,6 @@ from nnunet_foundation.training.budgets import make_budget_variants
 PROMPT_MODES = ("mask", "point", "unc")
 PROMPT_SOURCES = ("teacher", "student")
 SAM_LOSSES = ("mse", "ce")
-CONFIGURE_HINT = (
-    "Configure the generalist(s) with the setting 'generalists', e.g.\n"
-    "  export nnUNet_ssl_generalists='{\"backend\": \"sam\", \"model_type\": \"vit_b\", "
-    "\"checkpoint\": \"/path/to/sam_vit_b_01ec64.pth\"}'\n"
-    "(a list of such objects for several generalists, or the path of a JSON file holding them; MedSAM: "
-    "\"backend\": \"medsam\"; SAM2: \"backend\": \"sam2\", \"model_type\": \"hiera_t\"). Checkpoints: "
-    "setup_scripts/download_checkpoints.sh. See README, 'SAM-guided training'.")
-
-
 class SemiSAMError(ValueError):
     """SemiSAM settings that cannot work; the message says how to fix them."""
 
@@ -88,7 +79,7 @@ class SAMGuidance:
 
     # --------------------------------------------------------------------------------------------- set-up
     def resolve_generalist_configs(self) -> List[dict]:
-        from nnunet_foundation.foundation.config import GeneralistConfigError, parse_generalist_setting
+        from nnunet_foundation.foundation.config import GeneralistConfigError, backend_spec, resolve_generalists
 
         s = self.ssl_settings
         for name, allowed in (("prompt_mode", PROMPT_MODES), ("prompt_source", PROMPT_SOURCES),
@@ -98,47 +89,36 @@ class SAMGuidance:
                                    f"{s[name]!r}.")
         if s["sam_clicks"] < 1:
             raise SemiSAMError(f"{type(self).__name__}: sam_clicks must be >= 1")
-        raw = s["generalists"]
-        if raw in (None, "", []):
-            raise SemiSAMError(f"{type(self).__name__} needs at least one foundation model as generalist, and none "
-                               f"is configured.\n{CONFIGURE_HINT}")
-        from nnunet_foundation.foundation.config import GeneralistConfig, require_checkpoint_file
-
+        mode = s["prompt_mode"]
+        spacing = self.configuration_manager.spacing if len(self.configuration_manager.patch_size) == 3 else None
         try:
-            if isinstance(raw, str):
-                raw = parse_generalist_setting(raw)
-                raw = [c.to_dict() for c in (raw if isinstance(raw, list) else [raw])]
-            user = [dict(c) for c in (raw if isinstance(raw, list) else [raw])]
-            configs = [self.complete_generalist_config(c) for c in user]
-            checked = [GeneralistConfig.from_dict(c) for c in configs]  # validates every key and value now
+            configs = resolve_generalists(s["generalists"], type(self).__name__, self.implied_prompt_settings(),
+                                          spacing)
         except GeneralistConfigError as e:
-            raise SemiSAMError(f"{type(self).__name__}: invalid generalist configuration: {e}\n{CONFIGURE_HINT}") \
-                from None
-        for c in checked:
-            try:
-                require_checkpoint_file(c, "generalists")
-            except GeneralistConfigError as e:
-                raise SemiSAMError(f"{type(self).__name__}: {e}") from None
-        if s["prompt_mode"] != "mask" and len({c.axis for c in checked}) > 1:
+            raise SemiSAMError(str(e)) from None
+        for c in configs:
+            if mode != "mask" and backend_spec(c["backend"]).box_prompts_only:
+                raise SemiSAMError(f"{type(self).__name__}: prompt_mode '{mode}' prompts with points, and the "
+                                   f"{c['backend']} generalist was trained with boxes only (points alone gave it a "
+                                   f"Dice of 0 in tests/test_litemedsam.py). Use prompt_mode 'mask' (boxes), or a "
+                                   f"sam/sam2 generalist for point prompts.")
+        if mode != "mask" and len({c["axis"] for c in configs}) > 1:
             raise SemiSAMError("point/unc prompts are shared by all generalists: give them the same 'axis'")
         return configs
 
-    def complete_generalist_config(self, user: dict) -> dict:
-        """The user's generalist dict plus what the prompt mode and the plans imply, for keys the user left out."""
-        mode = self.ssl_settings["prompt_mode"]
+    def implied_prompt_settings(self) -> dict:
+        """What the prompt mode implies for the generalists, for keys the user left out."""
         implied = {"mask": dict(use_mask_prompt=True, use_box=True, num_points=0),
                    "point": dict(use_mask_prompt=False, use_box=False, num_points=1),
                    "unc": dict(use_mask_prompt=False, use_box=False, num_points=1,
-                               point_selection="uncertainty")}[mode]
+                               point_selection="uncertainty")}[self.ssl_settings["prompt_mode"]]
         # pseudo-labels for a softmax network: the K maps must sum to one
         implied["background"] = "renormalize"
-        if len(self.configuration_manager.patch_size) == 3:
-            implied["spacing"] = [float(x) for x in self.configuration_manager.spacing]
-        return {**implied, **user}
+        return implied
 
     def build_ssl_modules(self):
         super().build_ssl_modules()
-        from nnunet_foundation.foundation.config import build_generalist
+        from nnunet_foundation.foundation.config import build_generalist, describe_generalist
         from nnunet_foundation.foundation.generalist import GeneralistEnsemble
 
         members = [build_generalist(c) for c in self.generalist_configs]
@@ -146,8 +126,7 @@ class SAMGuidance:
             GeneralistEnsemble(members, self.ssl_settings["generalist_combination"])
         self.generalist = generalist.to(self.device)
         self.generalist.eval()
-        names = ", ".join(f"{c['backend']} {c.get('model_type') or ''} ({c.get('checkpoint')})".strip()
-                          for c in self.generalist_configs)
+        names = ", ".join(describe_generalist(c) for c in self.generalist_configs)
         self.print_to_log_file(f"SemiSAM generalist(s), frozen: {names}; prompt mode "
                                f"{self.ssl_settings['prompt_mode']} from the {self.ssl_settings['prompt_source']}")
 

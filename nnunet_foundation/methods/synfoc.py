@@ -15,6 +15,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 ALPHA_STRATEGIES = ("smc", "constant", "linear", "self", "mutual", "cps")
+# backends whose image encoder takes LoRA (SAM ViT, TinyViT) and whose decoder takes the multi-class head
+LORA_BACKENDS = ("sam", "medsam", "litemedsam")
 
 
 def mean_foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -192,7 +194,8 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         **nnUNetTrainerSemiSupervised.default_settings,
         "unsup_weight": 1.0,
         "ema_decay": 0.99,
-        "generalist": None,  # one SAM/MedSAM configuration (JSON, dict or file), as for SemiSAM
+        # one SAM-family configuration (JSON, dict or file; exactly one), as for SemiSAM; default LiteMedSAM
+        "generalists": None,
         "lora_rank": 4,
         "sam_lr": 1e-4,
         "sam_weight_decay": 0.1,
@@ -215,26 +218,17 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         self.sam_config = self._sam_config()
 
     def _sam_config(self) -> dict:
-        from nnunet_foundation.foundation.config import (GeneralistConfig, parse_generalist_setting,
-                                                         require_checkpoint_file)
-        from nnunet_foundation.methods.semisam import CONFIGURE_HINT
+        from nnunet_foundation.foundation.config import resolve_generalists
 
-        raw = self.ssl_settings["generalist"]
-        if raw in (None, ""):
-            raise ValueError(f"{type(self).__name__} fine-tunes a SAM/MedSAM model and none is configured.\n"
-                             + CONFIGURE_HINT.replace("nnUNet_ssl_generalists", "nnUNet_ssl_generalist"))
-        parsed = parse_generalist_setting(raw) if isinstance(raw, str) else GeneralistConfig.from_dict(raw)
-        if isinstance(parsed, list):
-            raise ValueError(f"{type(self).__name__} co-trains exactly one SAM model; 'generalist' holds a list")
-        config = {**parsed.to_dict(), "lora_rank": self.ssl_settings["lora_rank"], "train_decoder": True,
-                  "multiclass_head": True, "num_classes": self.label_manager.num_segmentation_heads}
-        if parsed.backend not in ("sam", "medsam"):
-            raise ValueError(f"{type(self).__name__}: LoRA fine-tuning is implemented for the 'sam' and 'medsam' "
-                             f"backends, not {parsed.backend!r}")
-        if len(self.configuration_manager.patch_size) == 3:
-            config["spacing"] = [float(x) for x in self.configuration_manager.spacing]
-        require_checkpoint_file(GeneralistConfig.from_dict(config), "nnUNet_ssl_generalist")  # validate now
-        return config
+        adapted = {"lora_rank": self.ssl_settings["lora_rank"], "train_decoder": True, "multiclass_head": True,
+                   "num_classes": self.label_manager.num_segmentation_heads}
+        spacing = self.configuration_manager.spacing if len(self.configuration_manager.patch_size) == 3 else None
+        (config,) = resolve_generalists(self.ssl_settings["generalists"], type(self).__name__, spacing=spacing,
+                                        exactly_one=True)
+        if config["backend"] not in LORA_BACKENDS:
+            raise ValueError(f"{type(self).__name__}: LoRA fine-tuning is implemented for the {LORA_BACKENDS} "
+                             f"backends, not {config['backend']!r}")
+        return {**config, **adapted}
 
     # --------------------------------------------------------------------------------------------- modules
     def build_ssl_modules(self):

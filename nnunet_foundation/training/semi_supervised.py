@@ -76,7 +76,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.resuming = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
         mro_names = [c.__name__ for c in type(self).__mro__]
-        self.ssl_settings = resolve_settings(self.default_settings, mro_names)
+        not_used = {}
+        self.ssl_settings = resolve_settings(self.default_settings, mro_names, not_used=not_used)
+        for name, where in sorted(not_used.items()):  # settings of other trainers in the same shell / config file
+            self.print_to_log_file(f"Setting '{name}' ({where}) belongs to other trainers of this package; "
+                                   f"not used by {mro_names[0]}.")
         self.logger.local_logger = SSLLocalLogger(self.ssl_log_keys)
         self.ssl_iteration = 0  # optimiser steps taken so far, across epochs and resumptions
         self.dataloader_unlabeled = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 CONFIG_ENV = "nnUNet_ssl_config"
 ENV_PREFIX = "nnUNet_ssl_"
@@ -67,11 +67,95 @@ def _check_type(name: str, value: Any, default: Any, source: str) -> Any:
     return value
 
 
-def resolve_settings(defaults: Mapping[str, Any], trainer_mro_names: list, environ: Mapping[str, str] = None) -> dict:
-    """Merge defaults, the config file and environment variables; unknown names are an error, not a silent no-op."""
+#: allowed values of settings, wherever a trainer declares them: checked when the trainer is built, so a bad value
+#: fails before data loading, naming where it came from. ("choice", values) or ("range", low, high, what).
+SETTING_RULES: Dict[str, tuple] = {
+    "unlabeled_batch_size": ("range", 0, None, "0 = the labeled batch size"),
+    "unsup_weight": ("range", 0.0, None, "the weight of the unsupervised term"),
+    "rampup_shape": ("choice", ("exp", "linear", "none")),
+    "rampup_length": ("range", 0.0, 1.0, "a fraction of training"),
+    "ema_decay": ("range", 0.0, 1.0, "1.0 would freeze the teacher"),
+    "confidence_threshold": ("range", 0.0, 1.0, "a probability"),
+    "sam_weight": ("range", 0.0, None, "the weight of the generalist term"),
+    "sam_decay": ("range", 0.0, None, "the decay of the generalist weight"),
+    "sam_clicks": ("range", 1, None, "clicks per class and slice"),
+    "lora_rank": ("range", 0, None, "0 = LoRA off"),
+    "sam_lr": ("range", 0.0, None, "a learning rate"),
+    "sam_weight_decay": ("range", 0.0, None, "a weight decay"),
+}
+
+
+def check_setting_values(settings: Mapping[str, Any], sources: Mapping[str, str], trainer_name: str) -> None:
+    """Refuse values outside :data:`SETTING_RULES`; ``sources`` says where each setting was set."""
+    for name, value in settings.items():
+        rule = SETTING_RULES.get(name)
+        if rule is None or value is None:
+            continue
+        where = sources.get(name, "default")
+        if rule[0] == "choice" and value not in rule[1]:
+            raise SettingsError(f"{where}: setting '{name}' of {trainer_name} must be one of {list(rule[1])}, got "
+                                f"{value!r}.")
+        if rule[0] == "range":
+            low, high, what = rule[1], rule[2], rule[3]
+            # ema_decay 1.0 and rampup_length 0..1 inclusive are meaningful; the teacher decay must stay below 1
+            too_high = high is not None and (value >= high if name == "ema_decay" else value > high)
+            if value < low or too_high:
+                bounds = f">= {low}" + (f" and {'<' if name == 'ema_decay' else '<='} {high}" if high is not None
+                                        else "")
+                raise SettingsError(f"{where}: setting '{name}' of {trainer_name} must be {bounds} ({what}), got "
+                                    f"{value!r}.")
+
+
+def settings_of_other_trainers(own: Mapping[str, Any]) -> Dict[str, str]:
+    """Setting names that another of this package's trainers declares (name -> one such trainer), for names this
+    trainer does not know. One shell, config file or benchmark call configures several trainers at once, so a
+    setting meant for SemiSAM must not stop Mean Teacher, while a typo must still fail."""
+    # imported here: the methods import this module
+    import importlib
+    import pkgutil
+
+    import nnunet_foundation.methods as methods
+    from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
+
+    for module in pkgutil.walk_packages(methods.__path__, methods.__name__ + "."):
+        importlib.import_module(module.name)
+    owners: Dict[str, str] = {}
+    pending = [nnUNetTrainerSemiSupervised]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        for name in getattr(cls, "default_settings", {}):
+            if name not in own:
+                owners.setdefault(name, cls.__name__)
+    return owners
+
+
+def resolve_settings(defaults: Mapping[str, Any], trainer_mro_names: list, environ: Mapping[str, str] = None,
+                     not_used: Optional[Dict[str, str]] = None) -> dict:
+    """Merge defaults, the config file and environment variables, and check the values.
+
+    A name that no trainer of this package declares is an error (a typo must not silently fall back to a default);
+    a name that only other trainers declare is skipped and reported in ``not_used`` (name -> where it was set), for
+    the trainer to log once. A variable that differs from the prefix only in case (``nnUNet_SSL_...``) is an error.
+    """
     environ = os.environ if environ is None else environ
+    trainer_name = trainer_mro_names[0]
     settings = dict(defaults)
+    sources: Dict[str, str] = {}
     valid = ", ".join(sorted(defaults))
+    not_used = {} if not_used is None else not_used
+    others: Optional[Dict[str, str]] = None
+
+    def accept(name: str, where: str) -> bool:
+        nonlocal others
+        if name in defaults:
+            return True
+        if others is None:
+            others = settings_of_other_trainers(defaults)
+        if name in others:
+            not_used[name] = where
+            return False
+        raise SettingsError(f"{where}: unknown setting '{name}' for {trainer_name}. Valid settings: {valid}.")
 
     config_path = environ.get(CONFIG_ENV)
     if config_path:
@@ -86,25 +170,52 @@ def resolve_settings(defaults: Mapping[str, Any], trainer_mro_names: list, envir
         if not isinstance(config, dict):
             raise SettingsError(f"{config_path}: expected a JSON object of setting names to values.")
         sections = {k: v for k, v in config.items() if k.startswith("nnUNetTrainer") and isinstance(v, dict)}
+        unknown_sections = [k for k in sections if k not in trainer_mro_names and not _is_trainer_name(k)]
+        if unknown_sections:
+            raise SettingsError(f"{config_path}: section {unknown_sections[0]!r} names no trainer of nnU-Net or of "
+                                f"this package (a typo?); sections apply to the trainer they name and its "
+                                f"subclasses.")
         flat = {k: v for k, v in config.items() if k not in sections}
         # a section applies to its trainer and subclasses (most specific last, so it wins)
         layers = [flat] + [sections[n] for n in reversed(trainer_mro_names) if n in sections]
         for layer in layers:
             for name, value in layer.items():
-                if name not in defaults:
-                    raise SettingsError(f"{config_path}: unknown setting '{name}' for {trainer_mro_names[0]}. "
-                                        f"Valid settings: {valid}.")
-                settings[name] = _check_type(name, value, defaults[name], config_path)
+                if accept(name, config_path):
+                    settings[name] = _check_type(name, value, defaults[name], config_path)
+                    sources[name] = config_path
 
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
+        if key == CONFIG_ENV or not key.lower().startswith(ENV_PREFIX.lower()):
             continue
+        if not key.startswith(ENV_PREFIX):
+            raise SettingsError(f"environment variable {key}: settings are read from variables that start with "
+                                f"exactly '{ENV_PREFIX}' (case matters); rename it to {ENV_PREFIX}"
+                                f"{key[len(ENV_PREFIX):]}.")
         name = key[len(ENV_PREFIX):]
-        if name not in defaults:
-            raise SettingsError(f"environment variable {key}: unknown setting '{name}' for {trainer_mro_names[0]}. "
-                                f"Valid settings: {valid}.")
-        settings[name] = _convert(name, raw, defaults[name], f"environment variable {key}")
+        where = f"environment variable {key}"
+        if accept(name, where):
+            settings[name] = _convert(name, raw, defaults[name], where)
+            sources[name] = where
+    check_setting_values(settings, sources, trainer_name)
     return settings
+
+
+def _is_trainer_name(name: str) -> bool:
+    """True for this package's trainers (budget variants included) and nnU-Net's own trainer classes."""
+    from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
+
+    settings_of_other_trainers({})  # imports every method module, so their classes are subclasses below
+    pending = [nnUNetTrainerSemiSupervised]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return True
+        pending.extend(cls.__subclasses__())
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    return recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), name,
+                                       "nnunetv2.training.nnUNetTrainer") is not None
 
 
 def record_or_check_settings(output_folder: str, settings: dict, trainer_name: str, resuming: bool) -> None:
