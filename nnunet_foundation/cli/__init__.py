@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.evaluate",
     "nnunet_foundation.cli.benchmark",
     "nnunet_foundation.cli.predict_sam_student",
+    "nnunet_foundation.cli.generalist_quality",
 ]
 
 

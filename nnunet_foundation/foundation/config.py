@@ -286,7 +286,8 @@ def describe_generalist(config: Mapping[str, Any]) -> str:
     """``backend model_type (checkpoint)`` for logs; the bundled file where the backend ships one."""
     checkpoint = config.get("checkpoint") or ("bundled with the package" if not
                                                _BACKENDS[config["backend"]].needs_checkpoint else None)
-    return f"{config['backend']} {config.get('model_type') or ''} ({checkpoint})".replace("  ", " ")
+    options = ", stitched" if config.get("stitch") else ""
+    return f"{config['backend']} {config.get('model_type') or ''} ({checkpoint}{options})".replace("  ", " ")
 
 
 def require_checkpoint_file(config: GeneralistConfig, setting: str) -> None:

@@ -1,0 +1,122 @@
+"""``nnunet-foundation generalist-quality``: zero-shot Dice of generalists on a dataset's labeled cases, prompted from
+the ground truth (the ceiling) and from a trained nnU-Net model (what SemiSAM gets); see foundation/quality.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generalist-quality", help="Dice of foundation models on labeled cases: oracle prompts vs a trained model's",
+        description="Segment a dataset's labeled (preprocessed) cases with one or more generalists, prompted from the "
+                    "ground truth ('oracle': the ceiling of prompting) and from a trained nnU-Net model's prediction "
+                    "('specialist': what SemiSAM and offline pseudo-labels get; needs -tr). Prints a table and writes "
+                    "generalist_quality.md/.json/.png to -o.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", required=True, help="dataset name or ID (planned and preprocessed)")
+    p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("--generalists", default=None,
+                   help="generalist configuration: JSON object, JSON list (each evaluated on its own) or a JSON file; "
+                        "default: LiteMedSAM (the package's default generalist)")
+    p.add_argument("-tr", default=None, help="trainer of the nnU-Net model that prompts in mode 'specialist'")
+    p.add_argument("-f", nargs="+", default=["0"], help="fold(s) of that model")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint of that model")
+    p.add_argument("--cases", nargs="+", default=None, help="case identifiers (default: --num-cases of the "
+                                                              "preprocessed cases, sorted)")
+    p.add_argument("--exclude-fold-training", type=int, default=None, metavar="FOLD",
+                   help="leave out the cases the prompting model trained on in this fold of splits_final.json "
+                        "(so 'specialist' is measured on cases it has not seen)")
+    p.add_argument("--num-cases", type=int, default=20, help="how many cases when --cases is not given")
+    p.add_argument("--modes", nargs="+", default=None, choices=("oracle", "specialist"),
+                   help="prompting modes (default: oracle, plus specialist when -tr is given)")
+    p.add_argument("-o", required=True, help="output folder of the report")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"), help="device for both models")
+    p.set_defaults(func=run)
+
+
+def _specialist(args, device):
+    """``data (C, D, H, W) -> softmax (K, D, H, W)`` of the trained model, through nnU-Net's own predictor."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    folder = get_output_folder(args.d, args.tr, args.p, args.c)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no trained model at {folder}: train it first (nnUNetv2_train {args.d} {args.c} "
+                                f"FOLD -tr {args.tr}) or fix -tr/-p")
+    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=device.type == "cuda",
+                                device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(folder, [int(f) if f != "all" else f for f in args.f],
+                                                   checkpoint_name=args.chk)
+
+    def predict(data):
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+        return torch.softmax(logits.float(), 0).cpu()
+
+    return predict
+
+
+def run(args) -> int:
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
+                                                     describe_generalist, resolve_generalists)
+    from nnunet_foundation.foundation.quality import evaluate_generalist, load_preprocessed_cases, write_report
+
+    modes = args.modes or (["oracle", "specialist"] if args.tr else ["oracle"])
+    if "specialist" in modes and not args.tr:
+        print("error: mode 'specialist' needs the trained model that prompts: -tr TRAINER [-f FOLD]", file=sys.stderr)
+        return 2
+    try:
+        dataset = maybe_convert_to_dataset_name(args.d)
+        base = os.path.join(nnUNet_preprocessed, dataset)
+        plans = load_json(os.path.join(base, f"{args.p}.json"))
+        dataset_json = load_json(os.path.join(base, "dataset.json"))
+        configuration = plans["configurations"][args.c]
+        folder = os.path.join(base, configuration["data_identifier"])
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d {args.d} -c "
+                                    f"{args.c} first")
+        is_3d = len(configuration["patch_size"]) == 3
+        # nnU-Net's 2d configuration slices the volume along its first axis; a 3D plan slices along the coarsest
+        implied = {"background": "renormalize"} if is_3d else {"background": "renormalize", "axis": 0}
+        configs = resolve_generalists(args.generalists, "generalist-quality", implied,
+                                      configuration["spacing"] if is_3d else None)
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        cases = args.cases or sorted(infer_dataset_class(folder).get_identifiers(folder))
+        if args.exclude_fold_training is not None:
+            seen = set(load_json(os.path.join(base, "splits_final.json"))[args.exclude_fold_training]["train"])
+            cases = [c for c in cases if c not in seen]
+        cases = cases if args.cases else cases[:args.num_cases]
+        device = torch.device(args.device)
+        specialist = _specialist(args, device) if "specialist" in modes else None
+    except (GeneralistConfigError, MissingBackendError, FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    classes = {int(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int) and v > 0}
+    results = []
+    for config in configs:
+        name = describe_generalist(config)
+        print(f"== {name}: {len(cases)} case(s), modes {', '.join(modes)}")
+        generalist = build_generalist(config).to(device)
+        rows = evaluate_generalist(generalist, load_preprocessed_cases(folder, cases), classes, specialist, modes)
+        for r in rows:
+            r.name = "nnU-Net" if r.mode == "specialist alone" else name
+        results += rows
+    specialist_note = f"prompting model: {args.tr} fold(s) {' '.join(args.f)} ({args.chk}); " if args.tr else ""
+    notes = [f"Dataset {dataset}, configuration {args.c}, {len(cases)} labeled case(s): {' '.join(cases)}.",
+             f"{specialist_note}device {args.device}. Command: nnunet-foundation generalist-quality "
+             f"{' '.join(sys.argv[2:]) if len(sys.argv) > 2 else ''}".rstrip()]
+    print(write_report(results, args.o, f"Generalist quality on {dataset} ({args.c})", notes))
+    with open(os.path.join(args.o, "generalist_configs.json"), "w") as f:
+        json.dump(configs, f, indent=2)
+    return 0
