@@ -89,6 +89,26 @@ def test_sam_term_is_positive_reaches_the_student_and_leaves_the_generalist_unch
     assert set(checkpoint) == {"teacher_weights"}
 
 
+def test_slices_without_prompts_are_not_taught_as_background(semisam):
+    """A teacher that finds nothing prompts nothing: the generalist's all-background answer must not become the
+    student's target (it would erase what the specialist has not found yet)."""
+    t = semisam()
+    labeled, unlabeled = batches(t)
+
+    def teacher_sees_only_background(x):
+        logits = torch.zeros((x.shape[0], t.label_manager.num_segmentation_heads, *x.shape[2:]))
+        logits[:, 0] = 10.0
+        return [logits]
+
+    t.teacher_predict = teacher_sees_only_background
+    grads, logs = student_grads(t, labeled, unlabeled, 5.0)
+    assert logs["generalist_coverage"] == 0.0 and float(logs["sam_loss"]) == 0.0
+    # with prompts, only the prompted slices count: coverage is a fraction of the patch
+    t2 = semisam()
+    _, logs2 = student_grads(t2, labeled, unlabeled, 5.0)
+    assert 0.0 < logs2["generalist_coverage"] <= 1.0 and float(logs2["sam_loss"]) > 0
+
+
 def test_weights_follow_their_schedules(semisam):
     assert sam_schedule(0.0, 0.1, 5.0) == pytest.approx(0.1)
     assert sam_schedule(1.0, 0.1, 5.0) == pytest.approx(0.1 * math.exp(-5))

@@ -46,6 +46,9 @@ class GeneralistOutput:
             foreground score at that voxel); ``None`` if the model has none.
         seconds: wall time of the call (synchronised on CUDA), for the trainers' cost logging.
         num_encoded: number of 2D images the image encoder processed (slices, or mosaics when stitching).
+        covered: ``(B, 1, [D,] H, W)`` bool, True on the slices the model segmented (at least one prompt there, or
+            reached by propagation). Elsewhere ``probabilities`` is "background" only because nothing was asked: a
+            trainer must not teach it as background (``None``: everything covered).
     """
 
     probabilities: torch.Tensor
@@ -53,6 +56,7 @@ class GeneralistOutput:
     confidence: Optional[torch.Tensor] = None
     seconds: float = 0.0
     num_encoded: int = 0
+    covered: Optional[torch.Tensor] = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -80,21 +84,23 @@ def combine_background(foreground: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def assemble_output(foreground: torch.Tensor, confidence: torch.Tensor, prompted: torch.Tensor, has_scores: bool,
-                    background: str, is_2d: bool, axis: int, device: torch.device, t0: float, num_encoded: int
-                    ) -> GeneralistOutput:
-    """Sliced ``(B, K, S, h, w)`` foreground maps and scores (channel 0 unused) -> the patch-aligned output of every
-    slice-based backend: background from the foreground maps, slices moved back to the patch layout, timing."""
+                    background: str, is_2d: bool, axis: int, device: torch.device, t0: float, num_encoded: int,
+                    covered_slices: torch.Tensor) -> GeneralistOutput:
+    """Sliced ``(B, K, S, h, w)`` foreground maps and scores (channel 0 unused) and the ``(B, S)`` slices that were
+    segmented -> the patch-aligned output of every slice-based backend: background from the foreground maps, slices
+    moved back to the patch layout, timing."""
     probabilities = combine_background(foreground[:, 1:], background)
     if has_scores and foreground.shape[1] > 1:  # the background is defined by the foreground masks: their best score
         confidence[:, 0] = confidence[:, 1:].max(1).values
+    covered = covered_slices.to(device)[:, None, :, None, None].expand(-1, 1, -1, *foreground.shape[-2:])
     if is_2d:
-        probabilities, confidence = probabilities[:, :, 0], confidence[:, :, 0]
+        probabilities, confidence, covered = probabilities[:, :, 0], confidence[:, :, 0], covered[:, :, 0]
     else:
-        probabilities, confidence = slices_to_patch(probabilities, axis), slices_to_patch(confidence, axis)
+        probabilities, confidence, covered = (slices_to_patch(t, axis) for t in (probabilities, confidence, covered))
     _synchronize(device)
     return GeneralistOutput(probabilities=probabilities, prompted=prompted,
                             confidence=confidence if has_scores else None,
-                            seconds=time.perf_counter() - t0, num_encoded=num_encoded)
+                            seconds=time.perf_counter() - t0, num_encoded=num_encoded, covered=covered)
 
 
 class Generalist(nn.Module):
@@ -210,6 +216,9 @@ class SliceGeneralist(Generalist):
         prompted[:, 0] = True
         prompt_list = [p for p in prompts if p.class_index > 0]
         num_encoded, has_scores = 0, False
+        covered_slices = torch.zeros((b_count, s_count), dtype=torch.bool)
+        for p in prompt_list:
+            covered_slices[p.batch_index, p.slice_index] = True
         if prompt_list:
             # encode only slices that carry a prompt: with a confident specialist most slices of a patch are empty
             keys: Dict[Tuple[int, int], int] = {}
@@ -237,7 +246,7 @@ class SliceGeneralist(Generalist):
                 score_maps = scores.float().view(-1, 1, 1).expand(-1, h, w)
                 confidence = confidence.index_put((bi, ki, si), score_maps)
         return assemble_output(foreground, confidence, prompted, has_scores, self.config.background, is_2d, axis,
-                               device, t0, num_encoded)
+                               device, t0, num_encoded, covered_slices)
 
 
 class GeneralistEnsemble(nn.Module):
@@ -281,8 +290,11 @@ def combine_outputs(outputs: Sequence[GeneralistOutput], combination: str = "mea
     confidences = [o.confidence for o in outputs if o.confidence is not None]
     confidence = torch.stack(confidences).mean(0) if confidences else None
     prompted = torch.stack([o.prompted for o in outputs]).any(0)
+    coverages = [o.covered for o in outputs if o.covered is not None]
+    covered = torch.stack(coverages).any(0) if len(coverages) == len(outputs) else None
     return GeneralistOutput(probabilities=probabilities, prompted=prompted, confidence=confidence,
-                            seconds=sum(o.seconds for o in outputs), num_encoded=sum(o.num_encoded for o in outputs))
+                            seconds=sum(o.seconds for o in outputs), num_encoded=sum(o.num_encoded for o in outputs),
+                            covered=covered)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:

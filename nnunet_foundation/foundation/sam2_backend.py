@@ -442,11 +442,13 @@ class SAM2VideoGeneralist(Generalist):
         self.sam2.fill_hole_area = self._fill_hole_area if (
             device.type == "cuda" and _has_connected_components_kernel()) else 0
         num_encoded = 0
+        covered_slices = torch.zeros((b_count, s_count), dtype=torch.bool)
         with torch.no_grad(), _autocast(device):
             for b in range(b_count):
                 classes = sorted(k for (bb, k) in conditioning if bb == b)
                 if not classes:
                     continue  # nothing to segment: the item's frames are not encoded at all
+                covered_slices[b] = True  # propagation segments every frame of the item
                 frames, _ = to_sam2_frames(image_slices[b, 0].to(device), self.image_size)
                 state = self.init_state(frames, (h, w))
                 num_encoded += s_count
@@ -458,4 +460,4 @@ class SAM2VideoGeneralist(Generalist):
                         confidence[b, k] = scores.view(-1, 1, 1).expand(-1, h, w)
                 del state
         return assemble_output(foreground, confidence, prompted, has_scores, self.config.background, is_2d, axis,
-                               device, t0, num_encoded)
+                               device, t0, num_encoded, covered_slices)

@@ -65,7 +65,7 @@ class SAMGuidance:
         "sam_loss": "mse",
         "sam_all_scales": False,
     }
-    sam_log_keys = ("sam_loss", "sam_weight", "generalist_seconds", "generalist_agreement")
+    sam_log_keys = ("sam_loss", "sam_weight", "generalist_seconds", "generalist_agreement", "generalist_coverage")
 
     # nnU-Net's __init__ records its caller's arguments by name (locals()[name] for every parameter of
     # type(self).__init__), so a trainer's __init__ must keep exactly nnU-Net's signature: no *args/**kwargs.
@@ -205,7 +205,8 @@ class SAMGuidance:
         weight = self.sam_weight()
         logs.update({"sam_weight": weight})
         if weight < 1e-8:  # late in training the term is gone: skip the generalist's cost
-            logs.update({"sam_loss": 0.0, "generalist_seconds": 0.0, "generalist_agreement": math.nan})
+            logs.update({"sam_loss": 0.0, "generalist_seconds": 0.0, "generalist_agreement": math.nan,
+                         "generalist_coverage": math.nan})
             return loss, logs
         if self.ssl_settings["prompt_source"] == "teacher":
             probs = self._teacher_probs if self._teacher_probs is not None else \
@@ -215,14 +216,18 @@ class SAMGuidance:
         x = unlabeled["data"]
         out = self.generalist_pseudo_label(x.float(), probs)
         pseudo = out.probabilities.detach().to(probs.dtype)
-        voxel_weight = None
+        # only where the generalist segmented something: a slice (or image) without any prompt comes back as
+        # "background" because nothing was asked, and teaching that would erase what the specialist has not found yet
+        voxel_weight = out.covered.to(probs.dtype) if out.covered is not None else None
         if self.ssl_settings["prompt_mode"] == "unc":
-            voxel_weight = 1.0 - (pseudo - probs).abs().mean(1, keepdim=True)
+            agreement_weight = 1.0 - (pseudo - probs).abs().mean(1, keepdim=True)
+            voxel_weight = agreement_weight if voxel_weight is None else voxel_weight * agreement_weight
         term = self.sam_consistency(student_out_u, pseudo, voxel_weight)
         with torch.no_grad():
             agreement = (pseudo.argmax(1) == probs.argmax(1)).float().mean()
         logs.update({"sam_loss": term.detach(), "generalist_seconds": out.seconds,
-                     "generalist_agreement": agreement})
+                     "generalist_agreement": agreement,
+                     "generalist_coverage": 1.0 if out.covered is None else float(out.covered.float().mean())})
         return loss + weight * term, logs
 
 
