@@ -25,7 +25,13 @@ BACKENDS = {
     "medsam": {"backend": "medsam", "model_type": "vit_b"},
     "sam2": {"backend": "sam2", "model_type": "hiera_t"},
     "sam2_video": {"backend": "sam2_video", "model_type": "hiera_t"},
+    # the real LiteMedSAM weights (bundled); 'precision' compares CPU bfloat16 (auto where native) with float32
+    "litemedsam": {"backend": "litemedsam"},
+    "litemedsam_fp32": {"backend": "litemedsam", "precision": "float32"},
+    "litemedsam_stitch": {"backend": "litemedsam", "stitch": True},
 }
+#: backends that have no tiny test model (their real weights are small enough to measure as they are)
+REAL_ONLY = ("litemedsam", "litemedsam_fp32", "litemedsam_stitch")
 
 
 def specialist_softmax(batch, classes, patch, fraction):
@@ -50,7 +56,7 @@ def measure(name, config, args):
 
     device = torch.device(args.device)
     config = {**config, "allow_random_init": True}
-    if args.tiny:
+    if args.tiny and name not in REAL_ONLY:
         config["model_type"] = "tiny"
     if len(args.patch_size) == 3:
         config["spacing"] = args.spacing or [1.0, 1.0, 1.0]

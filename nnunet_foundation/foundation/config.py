@@ -47,6 +47,7 @@ DEFAULT_GENERALIST = {"backend": "litemedsam"}
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
 SAM2_MODEL_TYPES = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l", "tiny")
 BACKGROUND_MODES = ("max", "union", "renormalize")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 class MissingBackendError(ImportError):
@@ -81,6 +82,8 @@ class GeneralistConfig:
         stitch: tile several slices into one model input (SFR-style) to cut encoder calls.
         stitch_grid: tiles per side when stitching; ``None`` = as many as fit without downscaling (at most 4).
         encoder_batch_size: images per image-encoder call.
+        precision: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16, else float32),
+            ``"float32"`` or ``"bfloat16"`` (SAM, MedSAM, LiteMedSAM backends).
         cache_embeddings / cache_size_mb: LRU cache of image embeddings for un-augmented inputs (SAM/MedSAM
             backends, used when ``forward`` receives ``cache_keys``; not with stitching or a training encoder).
     Prompts (see :mod:`nnunet_foundation.foundation.prompts`)
@@ -118,6 +121,7 @@ class GeneralistConfig:
     stitch: bool = False
     stitch_grid: Optional[int] = None
     encoder_batch_size: int = 8
+    precision: str = "auto"
     cache_embeddings: bool = False
     cache_size_mb: float = 512.0
     background: str = "max"
@@ -143,6 +147,8 @@ class GeneralistConfig:
             self.spacing = tuple(float(s) for s in self.spacing)
         if self.image_channel < 0:
             raise GeneralistConfigError(f"image_channel must be >= 0, got {self.image_channel}")
+        if self.precision not in PRECISIONS:
+            raise GeneralistConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.encoder_batch_size < 1:
             raise GeneralistConfigError("encoder_batch_size must be >= 1")
         if self.stitch_grid is not None and self.stitch_grid < 1:

@@ -31,6 +31,26 @@ from nnunet_foundation.foundation.geometry import (StitchLayout, auto_stitch_gri
                                                    to_sam_intensities, upsample_low_res)
 from nnunet_foundation.foundation.prompts import SlicePrompt
 
+def cpu_has_bfloat16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX): there autocast halves the encoder time
+    (LiteMedSAM: 2x on this project's EPYC machine) at a 4% embedding error; elsewhere it would be emulated, slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def use_bfloat16(precision: str, device: torch.device) -> bool:
+    """``precision`` ``auto``: bfloat16 autocast on CUDA and on CPUs with native bfloat16, float32 elsewhere."""
+    if precision == "float32":
+        return False
+    if precision == "bfloat16":
+        return True
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bfloat16())
+
+
 # logit given to the part of a mosaic's mask prompt outside a slice's tile: "surely not this object"
 _OUTSIDE_TILE_LOGIT = -20.0
 
@@ -117,13 +137,16 @@ class SAMGeneralist(SliceGeneralist):
         return resize_to_model(self.to_model_intensities(slices), geometry), geometry
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if use_bfloat16(self.config.precision, self.device):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def encode(self, model_inputs: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``(N, C, T/16, T/16)`` in batches of ``encoder_batch_size``."""
         chunks = []
+        # channels-last lets the CPU's convolution kernels (oneDNN) skip layout conversions in the patch embedding
+        if self.device.type == "cpu":
+            model_inputs = model_inputs.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             for start in range(0, model_inputs.shape[0], self.config.encoder_batch_size):
                 chunks.append(self.sam.image_encoder(model_inputs[start:start + self.config.encoder_batch_size]))
