@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.benchmark",
     "nnunet_foundation.cli.predict_sam_student",
     "nnunet_foundation.cli.generalist_quality",
+    "nnunet_foundation.cli.pseudo_label",
 ]
 
 

@@ -38,28 +38,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _specialist(args, device):
-    """``data (C, D, H, W) -> softmax (K, D, H, W)`` of the trained model, through nnU-Net's own predictor."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-    folder = get_output_folder(args.d, args.tr, args.p, args.c)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no trained model at {folder}: train it first (nnUNetv2_train {args.d} {args.c} "
-                                f"FOLD -tr {args.tr}) or fix -tr/-p")
-    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=device.type == "cuda",
-                                device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(folder, [int(f) if f != "all" else f for f in args.f],
-                                                   checkpoint_name=args.chk)
-
-    def predict(data):
-        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data))
-        return torch.softmax(logits.float(), 0).cpu()
-
-    return predict
-
-
 def run(args) -> int:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -67,8 +45,9 @@ def run(args) -> int:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
-                                                     describe_generalist, resolve_generalists)
+                                                     describe_generalist, generalists_for_configuration)
     from nnunet_foundation.foundation.quality import evaluate_generalist, load_preprocessed_cases, write_report
+    from nnunet_foundation.specialist import load_specialist
 
     modes = args.modes or (["oracle", "specialist"] if args.tr else ["oracle"])
     if "specialist" in modes and not args.tr:
@@ -84,11 +63,7 @@ def run(args) -> int:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d {args.d} -c "
                                     f"{args.c} first")
-        is_3d = len(configuration["patch_size"]) == 3
-        # nnU-Net's 2d configuration slices the volume along its first axis; a 3D plan slices along the coarsest
-        implied = {"background": "renormalize"} if is_3d else {"background": "renormalize", "axis": 0}
-        configs = resolve_generalists(args.generalists, "generalist-quality", implied,
-                                      configuration["spacing"] if is_3d else None)
+        configs = generalists_for_configuration(args.generalists, "generalist-quality", configuration)
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
         cases = args.cases or sorted(infer_dataset_class(folder).get_identifiers(folder))
@@ -97,7 +72,8 @@ def run(args) -> int:
             cases = [c for c in cases if c not in seen]
         cases = cases if args.cases else cases[:args.num_cases]
         device = torch.device(args.device)
-        specialist = _specialist(args, device) if "specialist" in modes else None
+        specialist = load_specialist(args.d, args.tr, args.p, args.c, args.f, args.chk, device) \
+            if "specialist" in modes else None
     except (GeneralistConfigError, MissingBackendError, FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

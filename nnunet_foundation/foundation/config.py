@@ -288,6 +288,15 @@ def resolve_generalists(value, owner: str, implied: Optional[Mapping[str, Any]] 
     return configs
 
 
+def generalists_for_configuration(value, owner: str, configuration: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """:func:`resolve_generalists` for whole preprocessed cases of an nnU-Net configuration (a plans entry): 3D
+    plans slice along their lowest-resolution axis, the 2d configuration along axis 0 as nnU-Net's 2d does; the
+    maps are a distribution over classes (``background: renormalize``)."""
+    is_3d = len(configuration["patch_size"]) == 3
+    implied = {"background": "renormalize"} if is_3d else {"background": "renormalize", "axis": 0}
+    return resolve_generalists(value, owner, implied, configuration["spacing"] if is_3d else None)
+
+
 def describe_generalist(config: Mapping[str, Any]) -> str:
     """``backend model_type (checkpoint)`` for logs; the bundled file where the backend ships one."""
     checkpoint = config.get("checkpoint") or ("bundled with the package" if not

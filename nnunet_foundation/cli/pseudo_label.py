@@ -1,0 +1,92 @@
+"""``nnunet-foundation pseudo-label``: offline generalist pseudo-labels of a fold's unlabeled cases, prompted by a
+trained nnU-Net model (see nnunet_foundation/pseudo_labels.py)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pseudo-label", help="generalist pseudo-labels of a fold's unlabeled cases, prompted by a trained model",
+        description="Predict each unlabeled case of the fold (the split's 'unlabeled' list and imagesUnlabeled) with a "
+                    "trained nnU-Net model, prompt the generalist from that prediction (never from labels) and write "
+                    "its class probabilities, the slices it segmented and a hard label with an ignore value beside "
+                    "the preprocessed data, with a manifest of what made them. Finished cases are skipped, so a "
+                    "killed run continues; -part_id/-num_parts split the cases across machines.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", required=True, help="dataset name or ID")
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-tr", required=True, help="trainer of the model that prompts (e.g. nnUNetTrainer)")
+    p.add_argument("-f", type=int, required=True, help="fold: its model prompts and its unlabeled cases are labelled")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint of that model")
+    p.add_argument("--generalists", default=None,
+                   help="generalist configuration (JSON object or file; default LiteMedSAM)")
+    p.add_argument("--min-confidence", type=float, default=0.5,
+                   help="voxels whose pseudo-label probability is below this get the ignore value in 'label'")
+    p.add_argument("--name", default=None, help="cache name (default: <trainer>__<plans>__fold<f>)")
+    p.add_argument("-part_id", type=int, default=0, help="this machine's part of the cases")
+    p.add_argument("-num_parts", type=int, default=1, help="number of parts the cases are split into")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_foundation import pseudo_labels as pl
+    from nnunet_foundation.foundation.checkpoints import CheckpointError
+    from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
+                                                     describe_generalist, generalists_for_configuration)
+    from nnunet_foundation.specialist import checkpoint_digest, load_specialist
+    from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, _plans_fingerprint
+
+    if not 0.0 <= args.min_confidence <= 1.0:
+        print("error: --min-confidence is a probability in [0, 1]", file=sys.stderr)
+        return 2
+    try:
+        dataset = maybe_convert_to_dataset_name(args.d)
+        base = os.path.join(nnUNet_preprocessed, dataset)
+        plans = load_json(os.path.join(base, f"{args.p}.json"))
+        if args.c not in plans["configurations"]:
+            raise KeyError(f"configuration {args.c!r} is not in {os.path.join(base, args.p + '.json')}")
+        configuration = plans["configurations"][args.c]
+        configs = generalists_for_configuration(args.generalists, "pseudo-label", configuration)
+        if len(configs) != 1:
+            raise GeneralistConfigError("pseudo-label writes one generalist's labels: give one configuration")
+        cases = pl.fold_unlabeled_cases(base, plans, args.c, args.f)
+        if not cases:
+            raise pl.PseudoLabelError(f"fold {args.f} of {dataset} has no unlabeled cases: list them in "
+                                      f"splits_final.json ('unlabeled') or put scans in imagesUnlabeled and run "
+                                      f"nnunet-foundation preprocess-unlabeled")
+        name = args.name or f"{args.tr}__{args.p}__fold{args.f}"
+        folder = pl.cache_folder(base, configuration["data_identifier"], name)
+        manifest = {
+            "dataset": dataset, "configuration": args.c, "plans": args.p,
+            "plans_fingerprint": _plans_fingerprint(plans, args.c),
+            "specialist": {"trainer": args.tr, "fold": args.f, "checkpoint": args.chk,
+                           "sha256": checkpoint_digest(dataset, args.tr, args.p, args.c, [args.f], args.chk)},
+            "generalist": pl.generalist_identity(configs)[0], "min_confidence": args.min_confidence,
+            "ignore_value": pl.IGNORE,
+        }
+        pl.check_or_write_manifest(folder, manifest)
+        device = torch.device(args.device)
+        specialist = load_specialist(dataset, args.tr, args.p, args.c, [str(args.f)], args.chk, device)
+        part = pl.cases_of_part(list(cases), args.part_id, args.num_parts)
+    except (GeneralistConfigError, MissingBackendError, CheckpointError, FileNotFoundError, KeyError,
+            UnlabeledDataError, pl.PseudoLabelError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"pseudo-label: {dataset} {args.c}, fold {args.f}, prompting model {args.tr} ({args.chk}), generalist "
+          f"{describe_generalist(configs[0])}; part {args.part_id + 1}/{args.num_parts} -> {folder}")
+    generalist = build_generalist(configs[0]).to(device)
+    images = UnlabeledImageDataset(cases)  # image arrays only: labels of split-unlabeled cases are never opened
+    counts = pl.run_cases(folder, part, lambda case: images.load_case(case)[0][:], specialist, generalist,
+                          args.min_confidence)
+    print(f"done: {counts['done']} case(s) labelled, {counts['skipped']} already there; cache {folder}")
+    return 0

@@ -1,0 +1,92 @@
+"""The generalist outside training, end to end: ``nnunet-foundation generalist-quality`` and ``pseudo-label``, prompted
+by a real nnU-Net model trained with nnUNetv2_train (oracle prompts come from the labels). A tiny SAM keeps it fast;
+the real-weight conventions are checked in test_litemedsam.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_dataset, tmp_path_factory):
+    """A copy of the synthetic tree with a smoke-trained 2d nnU-Net (fold 0), unlabeled scans preprocessed, and a
+    tiny SAM checkpoint: (env, checkpoint)."""
+    from nnunet_foundation.foundation.tiny import save_tiny_sam_checkpoint
+
+    root = tmp_path_factory.mktemp("offline")
+    env = copy_nnunet_tree(synthetic_dataset, root / "tree")
+    preprocess_unlabeled_cli(env, ("2d",))
+    run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", "nnUNetTrainer_smoke", "-device", "cpu"], env)
+    return env, save_tiny_sam_checkpoint(root / "tiny_sam.pth", seed=1)
+
+
+def test_oracle_and_specialist_prompts_through_the_cli(trained, tmp_path):
+    env, checkpoint = trained
+    generalists = json.dumps([{"backend": "sam", "model_type": "tiny", "checkpoint": str(checkpoint)},
+                              {"backend": "sam", "model_type": "tiny", "checkpoint": str(checkpoint),
+                               "stitch": True}])
+    out = tmp_path / "quality"
+    proc = run_cli(["nnunet-foundation", "generalist-quality", "-d", SYNTHETIC_ID, "-c", "2d", "--generalists",
+                    generalists, "-tr", "nnUNetTrainer_smoke", "-f", "0", "--num-cases", 2,
+                    "--exclude-fold-training", 0, "-o", out], env)
+    rows = json.loads((out / "generalist_quality.json").read_text())
+    # two generalists x (oracle, specialist) and the specialist alone once per generalist
+    assert [r["mode"] for r in rows] == ["oracle", "specialist", "specialist alone"] * 2
+    assert rows[1]["name"].startswith("sam tiny") and rows[4]["name"].endswith("stitched)")
+    splits = json.loads((Path(env["nnUNet_preprocessed"]) / "Dataset900_Synthetic" / "splits_final.json").read_text())
+    evaluated = set(rows[0]["dice_per_case"])
+    assert len(evaluated) == 2 and not evaluated & set(splits[0]["train"])  # cases the model never trained on
+    for r in rows:
+        assert set(r["dice_per_class"]) == {"head", "body"}  # named as dataset.json names the labels
+        assert all(0.0 <= v <= 1.0 for v in r["dice_per_class"].values() if not np.isnan(v))
+    assert rows[0]["slices_encoded"] > 0 and rows[0]["ms_per_slice"] > 0
+    # the stitched generalist encodes mosaics: fewer encoder images for the same slices
+    assert rows[3]["slices_encoded"] < rows[0]["slices_encoded"]
+    assert (out / "generalist_quality.png").stat().st_size > 0 and "| oracle |" in proc.stdout
+
+    missing = run_cli(["nnunet-foundation", "generalist-quality", "-d", SYNTHETIC_ID, "-c", "2d", "--modes",
+                       "specialist", "-o", tmp_path / "x"], env, check=False)
+    assert missing.returncode == 2 and "needs the trained model" in missing.stderr
+
+
+def test_pseudo_labels_are_written_resumed_split_and_guarded(trained, tmp_path):
+    env, checkpoint = trained
+    generalist = json.dumps({"backend": "sam", "model_type": "tiny", "checkpoint": str(checkpoint)})
+    base = ["nnunet-foundation", "pseudo-label", "-d", SYNTHETIC_ID, "-c", "2d", "-tr", "nnUNetTrainer_smoke", "-f",
+            0, "--generalists", generalist]
+    # two machines: each labels its part of the four unlabeled scans
+    first = run_cli([*base, "-part_id", 0, "-num_parts", 2], env)
+    assert "2 case(s) in this part: 0 already done, 2 to do" in first.stdout
+    folder = (Path(env["nnUNet_preprocessed"]) / "Dataset900_Synthetic" / "nnUNetPlans_2d_pseudo_labels"
+              / "nnUNetTrainer_smoke__nnUNetPlans__fold0")
+    assert len(list(folder.glob("*.npz"))) == 2
+    run_cli([*base, "-part_id", 1, "-num_parts", 2], env)
+    files = sorted(folder.glob("*.npz"))
+    unlabeled = sorted(p.name.split("_0000")[0] for p in
+                       (Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesUnlabeled").iterdir())
+    assert [f.stem for f in files] == unlabeled
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["specialist"]["trainer"] == "nnUNetTrainer_smoke" and len(manifest["specialist"]["sha256"]) == 64
+    assert manifest["generalist"]["checkpoint_sha256"] and "checkpoint" not in manifest["generalist"]
+
+    with np.load(files[0]) as npz:
+        probabilities, covered, label = npz["probabilities"], npz["covered"], npz["label"]
+    assert probabilities.shape[0] == 3 and probabilities.shape[1:] == label.shape == covered.shape
+    np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1.0, atol=1e-2)  # a distribution
+    assert set(np.unique(label)) <= {0, 1, 2, 255}
+    assert (label[~covered] == 255).all()  # no prompt there: the label says nothing, not "background"
+    assert ((label != 255) == (covered & (probabilities.max(0) >= 0.5))).all()
+
+    # a rerun skips finished cases; another generalist is refused instead of mixing two sources
+    again = run_cli(base, env)
+    assert "4 already done, 0 to do" in again.stdout
+    other = json.dumps({"backend": "sam", "model_type": "tiny", "checkpoint": str(checkpoint), "box_jitter": 2})
+    refused = run_cli([*base[:-1], other], env, check=False)
+    assert refused.returncode == 2 and "manifest.json was made from other inputs (generalist differ)" in refused.stderr
