@@ -271,3 +271,19 @@ def test_embedding_cache_reuses_encoder_outputs_of_unchanged_inputs(sam_checkpoi
     assert len(tiny._embedding_cache) == 4  # the current call's entries stay, older ones are evicted
     tiny(x, probs, cache_keys=["c", "d"])
     assert set(k[0] for k in tiny._embedding_cache) == {"c", "d"}
+
+
+def test_component_prompts_give_each_component_its_own_box_and_points():
+    from nnunet_foundation.foundation.prompts import PromptSettings, prompts_for_slice
+
+    probs = np.zeros((2, 20, 30), dtype=np.float32)
+    probs[1, 2:6, 3:8] = 0.9  # small component
+    probs[1, 10:18, 15:27] = 0.9  # large component
+    probs[0] = 1 - probs[1]
+    union = prompts_for_slice(probs, PromptSettings(num_points=1, box_mode="union"))
+    per_component = prompts_for_slice(probs, PromptSettings(num_points=1, box_mode="components"))
+    assert len(union) == 1 and union[0].box.tolist() == [3, 2, 26, 17]
+    assert [p.box.tolist() for p in per_component] == [[15, 10, 26, 17], [3, 2, 7, 5]]  # largest first
+    for p in per_component:  # each point lies inside its own component's box
+        x, y = p.points[0].tolist()
+        assert p.box[0] <= x <= p.box[2] and p.box[1] <= y <= p.box[3]

@@ -187,3 +187,26 @@ def test_lora_on_tinyvit_touches_only_each_heads_query_and_value(litemedsam):
     # the prompt-free multi-class head runs on the TinyViT embedding and gives one map per class
     logits = adapted.multiclass_head.segment_patches(adapted, x)
     assert logits.shape == (1, 3, HEIGHT, WIDTH)
+
+
+def test_component_prompts_filtered_by_score_drop_a_planted_false_positive():
+    """A weak specialist fires confidently on the object and hesitantly on a bright distractor: one prompt per
+    component, each judged by LiteMedSAM's predicted IoU x the specialist's probability inside its mask, keeps the
+    object and drops the distractor, which a plain union box would turn into pseudo-label."""
+    truth = ellipse()
+    distractor = np.zeros_like(truth)
+    distractor[8:26, 8:30] = True  # a bright square far from the object, not the target class
+    x = image_with(truth | distractor)[None, None]
+    probs = background_probs(truth.shape)
+    probs[0, 1] = torch.tensor(truth * 0.95 + distractor * 0.6, dtype=torch.float32)
+    probs[0, 0] = 1 - probs[0, 1]
+    plain = build_generalist({"backend": "litemedsam", "background": "renormalize", "box_mode": "components"})
+    filtered = build_generalist({"backend": "litemedsam", "background": "renormalize", "box_mode": "components",
+                                 "min_prompt_score": 0.7})
+    unfiltered_fg = foreground(plain(x, probs))[0]
+    out = filtered(x, probs)
+    filtered_fg = foreground(out)[0]
+    assert unfiltered_fg[distractor].mean() > 0.5  # without the filter the distractor becomes "object"
+    assert filtered_fg[distractor].sum() == 0
+    assert dice(filtered_fg, truth) >= 0.9
+    assert out.covered.all()  # the object's prompt was kept, so the slice is segmented (and the distractor: no)

@@ -90,6 +90,10 @@ class GeneralistConfig:
         num_points, num_negative_points, use_box, box_mode (``"union"``/``"largest"``), box_jitter (pixels),
         use_mask_prompt, fg_threshold, bg_threshold, point_selection (``"max_distance"``/``"uncertainty"``),
         min_component_size, seed (of the jitter generator).
+        min_prompt_score: drop prompts whose mask scores below this (0 = keep all): score = the model's predicted
+            IoU x the specialist's mean probability inside the mask. With ``box_mode="components"`` each connected
+            component of the specialist's prediction is judged on its own, so a false-positive component is dropped
+            while the true one stays (a weak specialist's false positives no longer become pseudo-labels).
     Output
         background: how the background map is formed from the foreground maps: ``"max"`` (1 - max),
             ``"union"`` (product of 1 - p), ``"renormalize"`` (1 - max, then all maps divided by their sum).
@@ -117,6 +121,7 @@ class GeneralistConfig:
     bg_threshold: float = 0.9
     point_selection: str = "max_distance"
     min_component_size: int = 1
+    min_prompt_score: float = 0.0
     seed: int = 0
     stitch: bool = False
     stitch_grid: Optional[int] = None
@@ -149,6 +154,8 @@ class GeneralistConfig:
             raise GeneralistConfigError(f"image_channel must be >= 0, got {self.image_channel}")
         if self.precision not in PRECISIONS:
             raise GeneralistConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 <= self.min_prompt_score <= 1.0:
+            raise GeneralistConfigError(f"min_prompt_score is in [0, 1], got {self.min_prompt_score}")
         if self.encoder_batch_size < 1:
             raise GeneralistConfigError("encoder_batch_size must be >= 1")
         if self.stitch_grid is not None and self.stitch_grid < 1:

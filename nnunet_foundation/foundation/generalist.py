@@ -181,6 +181,19 @@ class SliceGeneralist(Generalist):
         """
         raise NotImplementedError
 
+    @staticmethod
+    def prompt_scores(probs: torch.Tensor, scores: Optional[torch.Tensor], prob_slices: torch.Tensor,
+                      bi: torch.Tensor, ki: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
+        """How much to trust each prompt's mask ``(P, h, w)``: the model's own quality estimate (SAM's predicted
+        IoU; 1 without one) times the specialist's mean probability of the class inside that mask. A component the
+        specialist fired on but that the generalist segments as something else, or only hesitantly, scores low."""
+        inside = probs > 0.5
+        specialist = prob_slices.to(probs.device)[bi, ki, si]
+        agreement = (specialist * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
+        agreement = torch.where(inside.flatten(1).any(1), agreement, torch.zeros_like(agreement))
+        own = scores.float().clamp(0, 1) if scores is not None else torch.ones_like(agreement)
+        return own * agreement
+
     def forward(self, images: torch.Tensor, specialist_probs: torch.Tensor,
                 prompts: Optional[PromptSet] = None, cache_keys: Optional[Sequence[str]] = None
                 ) -> GeneralistOutput:
@@ -237,14 +250,23 @@ class SliceGeneralist(Generalist):
             bi = torch.tensor([p.batch_index for p in prompt_list], device=device)
             ki = torch.tensor([p.class_index for p in prompt_list], device=device)
             si = torch.tensor([p.slice_index for p in prompt_list], device=device)
-            # several prompts for one (b, k, s) cannot happen with one prompt set per class and slice; index_put
-            # with accumulate=False keeps the last one if a custom prompt set repeats one
-            foreground = foreground.index_put((bi, ki, si), probs)
-            prompted[bi, ki] = True
+            keep = torch.ones(len(prompt_list), dtype=torch.bool, device=device)
+            if self.config.min_prompt_score > 0:
+                prompt_scores = self.prompt_scores(probs, scores, prob_slices, bi, ki, si)
+                keep = prompt_scores >= self.config.min_prompt_score
+                # a rejected prompt says nothing: its slice is covered only if another prompt there was kept
+                covered_slices.zero_()
+                for p, kept in zip(prompt_list, keep.tolist()):
+                    covered_slices[p.batch_index, p.slice_index] |= kept
+            probs = probs * keep.view(-1, 1, 1)
+            # several prompts of one (item, class, slice) - one per component - are merged by their maximum
+            flat = (bi * k_count + ki) * s_count + si
+            foreground = foreground.view(-1, h, w).index_reduce(0, flat, probs, "amax").view_as(foreground)
+            prompted[bi[keep], ki[keep]] = True
             if scores is not None:
                 has_scores = True
-                score_maps = scores.float().view(-1, 1, 1).expand(-1, h, w)
-                confidence = confidence.index_put((bi, ki, si), score_maps)
+                score_maps = (scores.float() * keep).view(-1, 1, 1).expand(-1, h, w)
+                confidence = confidence.view(-1, h, w).index_reduce(0, flat, score_maps, "amax").view_as(confidence)
         return assemble_output(foreground, confidence, prompted, has_scores, self.config.background, is_2d, axis,
                                device, t0, num_encoded, covered_slices)
 

@@ -12,8 +12,10 @@ connected components (``scipy.ndimage.label``) and turned into
   with ``point_selection="uncertainty"`` (SemiSAM+ style) the distance is weighted by ``1 - normalised entropy``,
   so points go where the specialist is both deep inside the object and certain;
 * negative points: the same rule applied to the confident background of that class near the object;
-* a box: the bounding box of the union of the components (``box_mode="union"``) or of the largest one, with
-  optional integer jitter drawn from a seeded ``torch.Generator`` (robustness to imperfect prompts);
+* a box: the bounding box of the union of the components (``box_mode="union"``) or of the largest one, or one
+  prompt per component (``"components"``: each with its own box and points, so that the generalist can judge each
+  candidate; see ``min_prompt_score`` in the generalist config), with optional integer jitter drawn from a seeded
+  ``torch.Generator`` (robustness to imperfect prompts);
 * optionally a dense mask prompt: the specialist's class logit ``log(p / (1 - p))``.
 
 Classes that the specialist does not predict confidently on a slice get no prompt on that slice.
@@ -29,7 +31,7 @@ import torch
 from scipy import ndimage
 
 POINT_SELECTIONS = ("max_distance", "uncertainty")
-BOX_MODES = ("union", "largest")
+BOX_MODES = ("union", "largest", "components")
 # a probability of 1e-4 is a logit of -9.2: the scale of confident SAM low-res logits
 _LOGIT_CLIP = 1e-4
 
@@ -233,45 +235,56 @@ def prompts_for_slice(probs: np.ndarray, settings: PromptSettings, generator: Op
         labels, ids, sizes = _components(foreground, settings.min_component_size)
         if not ids:
             continue
-        kept = np.isin(labels, ids)
-        depth = _distance_inside(kept)
-        score = depth if entropy is None else depth * (1.0 - entropy)
-        positives = _pick_points(score, labels, ids, settings.num_points, depth)
-
-        box_region = kept if settings.box_mode == "union" else labels == ids[0]
-        box = _bbox(box_region)
-
-        negatives: List[np.ndarray] = []
-        if settings.num_negative_points > 0:
-            background = (hard != k) & (1.0 - probs[k] >= settings.bg_threshold)
-            # prefer background close to the object (informative for the decoder): inside the box grown by half
-            # its size; fall back to all confident background of the slice
-            margin = max(2.0, 0.5 * max(box[2] - box[0], box[3] - box[1]))
-            near = np.zeros_like(background)
-            y0, y1 = int(max(0, box[1] - margin)), int(min(probs.shape[1], box[3] + margin + 1))
-            x0, x1 = int(max(0, box[0] - margin)), int(min(probs.shape[2], box[2] + margin + 1))
-            near[y0:y1, x0:x1] = True
-            region = background & near if (background & near).any() else background
-            if region.any():
-                bg_depth = _distance_inside(region)
-                bg_score = bg_depth if entropy is None else bg_depth * (1.0 - entropy)
-                negatives = _pick_points(bg_score, region.astype(np.int32), [1], settings.num_negative_points,
-                                         bg_depth)
-
-        rc = positives + negatives
-        points = torch.tensor(np.array([[c, r] for r, c in rc], dtype=np.float32).reshape(-1, 2))
-        point_labels = torch.tensor([1] * len(positives) + [0] * len(negatives), dtype=torch.int64)
-        if settings.use_box and settings.box_jitter > 0:
-            box = _jitter_box(box, settings.box_jitter, probs.shape[1:], generator)
-        out.append(SlicePrompt(
-            batch_index=batch_index, class_index=k, slice_index=slice_index,
-            points=points,
-            labels=point_labels,
-            box=torch.from_numpy(box) if settings.use_box else None,
-            mask=torch.from_numpy(class_logit(probs[k])) if settings.use_mask_prompt else None,
-            area=int(kept.sum()),
-        ))
+        # one prompt for the class (its components' union, or the largest one), or one per component, which lets
+        # the generalist's own score reject a component that is a false positive of the specialist
+        groups = [[i] for i in ids] if settings.box_mode == "components" else \
+            [ids if settings.box_mode == "union" else ids[:1]]
+        for group in groups:
+            out.append(_region_prompt(probs, hard, k, labels, group, ids if settings.box_mode != "components" else
+                                      group, entropy, settings, generator, batch_index, slice_index))
     return out
+
+
+def _region_prompt(probs: np.ndarray, hard: np.ndarray, k: int, labels: np.ndarray, box_ids: Sequence[int],
+                   point_ids: Sequence[int], entropy: Optional[np.ndarray], settings: PromptSettings,
+                   generator: Optional[torch.Generator], batch_index: int, slice_index: int) -> SlicePrompt:
+    """The prompt of class ``k`` for the components ``box_ids`` (box) and ``point_ids`` (positive points)."""
+    kept = np.isin(labels, point_ids)
+    depth = _distance_inside(kept)
+    score = depth if entropy is None else depth * (1.0 - entropy)
+    positives = _pick_points(score, labels, list(point_ids), settings.num_points, depth)
+    box = _bbox(np.isin(labels, box_ids))
+
+    negatives: List[np.ndarray] = []
+    if settings.num_negative_points > 0:
+        background = (hard != k) & (1.0 - probs[k] >= settings.bg_threshold)
+        # prefer background close to the object (informative for the decoder): inside the box grown by half
+        # its size; fall back to all confident background of the slice
+        margin = max(2.0, 0.5 * max(box[2] - box[0], box[3] - box[1]))
+        near = np.zeros_like(background)
+        y0, y1 = int(max(0, box[1] - margin)), int(min(probs.shape[1], box[3] + margin + 1))
+        x0, x1 = int(max(0, box[0] - margin)), int(min(probs.shape[2], box[2] + margin + 1))
+        near[y0:y1, x0:x1] = True
+        region = background & near if (background & near).any() else background
+        if region.any():
+            bg_depth = _distance_inside(region)
+            bg_score = bg_depth if entropy is None else bg_depth * (1.0 - entropy)
+            negatives = _pick_points(bg_score, region.astype(np.int32), [1], settings.num_negative_points,
+                                     bg_depth)
+
+    rc = positives + negatives
+    points = torch.tensor(np.array([[c, r] for r, c in rc], dtype=np.float32).reshape(-1, 2))
+    point_labels = torch.tensor([1] * len(positives) + [0] * len(negatives), dtype=torch.int64)
+    if settings.use_box and settings.box_jitter > 0:
+        box = _jitter_box(box, settings.box_jitter, probs.shape[1:], generator)
+    return SlicePrompt(
+        batch_index=batch_index, class_index=k, slice_index=slice_index,
+        points=points,
+        labels=point_labels,
+        box=torch.from_numpy(box) if settings.use_box else None,
+        mask=torch.from_numpy(class_logit(probs[k])) if settings.use_mask_prompt else None,
+        area=int(kept.sum()),
+    )
 
 
 def generate_prompts(specialist_probs: torch.Tensor, settings: PromptSettings,
