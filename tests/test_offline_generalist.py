@@ -39,7 +39,7 @@ def test_oracle_and_specialist_prompts_through_the_cli(trained, tmp_path):
     rows = json.loads((out / "generalist_quality.json").read_text())
     # two generalists x (oracle, specialist) and the specialist alone once per generalist
     assert [r["mode"] for r in rows] == ["oracle", "specialist", "specialist alone"] * 2
-    assert rows[1]["name"].startswith("sam tiny") and rows[4]["name"].endswith("stitched)")
+    assert rows[1]["name"].startswith("sam tiny") and rows[4]["name"].endswith("stitch=True)")
     splits = json.loads((Path(env["nnUNet_preprocessed"]) / "Dataset900_Synthetic" / "splits_final.json").read_text())
     evaluated = set(rows[0]["dice_per_case"])
     assert len(evaluated) == 2 and not evaluated & set(splits[0]["train"])  # cases the model never trained on

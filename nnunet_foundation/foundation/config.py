@@ -308,7 +308,10 @@ def describe_generalist(config: Mapping[str, Any]) -> str:
     """``backend model_type (checkpoint)`` for logs; the bundled file where the backend ships one."""
     checkpoint = config.get("checkpoint") or ("bundled with the package" if not
                                                _BACKENDS[config["backend"]].needs_checkpoint else None)
-    options = ", stitched" if config.get("stitch") else ""
+    # the options that change what the generalist answers, where they differ from its defaults
+    defaults = GeneralistConfig.from_dict({"backend": config["backend"], "allow_random_init": True}).to_dict()
+    shown = ("stitch", "box_mode", "min_prompt_score", "num_points", "use_mask_prompt", "box_jitter", "precision")
+    options = "".join(f", {k}={config[k]}" for k in shown if k in config and config[k] != defaults[k])
     return f"{config['backend']} {config.get('model_type') or ''} ({checkpoint}{options})".replace("  ", " ")
 
 
