@@ -20,6 +20,7 @@ import torch
 
 from conftest import SYNTHETIC_ID, SYNTHETIC_NAME, preprocess_unlabeled_cli, run_cli, tree_digest, write_split
 from test_engine_errors import assert_fails_and_changes_nothing
+from test_evaluation import scored_folders  # noqa: F401  (fixture)
 
 UNLABELED = [f"synthetic_u{i:03d}" for i in range(4)]
 LABELED = [f"synthetic_{i:03d}" for i in range(10)]
@@ -270,3 +271,20 @@ def test_truncated_generalist_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="truncated") as error:
         read_state_dict(path, "SAM vit_b")
     assert "weights_only" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------- 10. evaluate
+def test_evaluate_refuses_another_spacing_and_undeclared_labels(scored_folders):
+    from nnunet_foundation.evaluation import EvaluationError, evaluate_folder
+    from test_evaluation import _write
+
+    ref_dir, pred_dir, dataset_json, shape, spacing = scored_folders
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / "b.nii.gz")))
+    _write(prediction, pred_dir / "b.nii.gz", (1.0, 1.0, 1.0))
+    with pytest.raises(EvaluationError, match=r"b\.nii\.gz has spacing \(1\.0, 1\.0, 1\.0\)"):
+        evaluate_folder(str(ref_dir), str(pred_dir), str(dataset_json))
+    _write(prediction, pred_dir / "b.nii.gz", spacing)
+    prediction[0, 0, 0] = 7
+    _write(prediction, pred_dir / "b.nii.gz", spacing)
+    with pytest.raises(EvaluationError, match=r"b\.nii\.gz contains label value\(s\) \[7\]"):
+        evaluate_folder(str(ref_dir), str(pred_dir), str(dataset_json))
