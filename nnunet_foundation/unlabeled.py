@@ -168,7 +168,7 @@ CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
 INCOMPLETE_PREFIX = ".incomplete_"
 
 
-def _plans_fingerprint(plans: dict, configuration: str) -> str:
+def plans_fingerprint(plans: dict, configuration: str) -> str:
     """What the preprocessed arrays depend on: the configuration's resolved settings and the intensity statistics."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -266,12 +266,12 @@ class UnlabeledFolderStatus:
         return out
 
 
-def unlabeled_folder_status(folder: str, raw_cases: Dict[str, List[str]], plans_fingerprint: str,
+def unlabeled_folder_status(folder: str, raw_cases: Dict[str, List[str]], fingerprint: str,
                             record: Optional[dict] = None) -> UnlabeledFolderStatus:
     record = read_unlabeled_record(folder) if record is None else record
     status = UnlabeledFolderStatus(folder, has_record=record is not None)
     recorded = (record or {}).get("cases", {})
-    if record is not None and record.get("plans_fingerprint") != plans_fingerprint:
+    if record is not None and record.get("plans_fingerprint") != fingerprint:
         status.plans_changed = True
         recorded = {}
     for case, files in sorted(raw_cases.items()):
@@ -401,7 +401,7 @@ def preprocess_unlabeled(dataset_name_or_id, configurations=("3d_fullres",), pla
                                      f"Available: {sorted(plans['configurations'])}.")
         cm = PlansManager(plans).get_configuration(configuration)
         out = unlabeled_preprocessed_folder(pre_base, cm.data_identifier)
-        fingerprint = _plans_fingerprint(plans, configuration)
+        fingerprint = plans_fingerprint(plans, configuration)
         meta_file = os.path.join(out, UNLABELED_METADATA_FILE)
         status = unlabeled_folder_status(out, cases, fingerprint) if os.path.isdir(out) else \
             UnlabeledFolderStatus(out, has_record=False, not_preprocessed=sorted(cases))
@@ -475,7 +475,7 @@ def collect_unlabeled_cases(preprocessed_dataset_folder_base: str, preprocessed_
             f"both the 'unlabeled' list and the 'train'/'val' lists of this fold. A case is either labeled or "
             f"unlabeled; fix the split (nnunet-foundation make-splits writes consistent ones).")
     for case in split_unlabeled or []:
-        if not _has_image_array(preprocessed_dataset_folder, case):
+        if not has_image_array(preprocessed_dataset_folder, case):
             raise UnlabeledDataError(
                 f"splits_final.json lists '{case}' as unlabeled but {preprocessed_dataset_folder} has no "
                 f"preprocessed image for it. Re-run nnUNetv2_plan_and_preprocess or fix the split.")
@@ -492,7 +492,7 @@ def collect_unlabeled_cases(preprocessed_dataset_folder_base: str, preprocessed_
                   f"{configuration} ({folder} has no record), so they are not used. Run '{command}' to use them.",
                   flush=True)
         return cases
-    fingerprint = _plans_fingerprint(plans, configuration)
+    fingerprint = plans_fingerprint(plans, configuration)
     if record.get("plans_fingerprint") != fingerprint:
         raise UnlabeledDataError(
             f"{folder} was preprocessed with different plans than the ones this training uses. Re-run "
@@ -505,7 +505,7 @@ def collect_unlabeled_cases(preprocessed_dataset_folder_base: str, preprocessed_
                 f"{'; '.join(status.describe_differences())}. Run '{command}' to bring it up to date (it keeps "
                 f"the cases that are still valid); training now would use the wrong set of scans.")
     for case in sorted(record["cases"]):
-        if not _has_image_array(folder, case):
+        if not has_image_array(folder, case):
             raise UnlabeledDataError(f"{folder}: the record lists unlabeled case '{case}' but its image array is "
                                      f"missing. Run '{command}' to redo it.")
         if case in cases or case in labeled_keys:
@@ -533,7 +533,7 @@ def _raw_unlabeled_cases_if_available(preprocessed_dataset_folder_base: str) -> 
     return find_unlabeled_raw_cases(os.path.dirname(folder), dataset_json)
 
 
-def _has_image_array(folder: str, case: str) -> bool:
+def has_image_array(folder: str, case: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, case + ext)) for ext in (".b2nd", ".npy", ".npz"))
 
 

@@ -288,3 +288,25 @@ def test_evaluate_refuses_another_spacing_and_undeclared_labels(scored_folders):
     _write(prediction, pred_dir / "b.nii.gz", spacing)
     with pytest.raises(EvaluationError, match=r"b\.nii\.gz contains label value\(s\) \[7\]"):
         evaluate_folder(str(ref_dir), str(pred_dir), str(dataset_json))
+
+
+# ------------------------------------------------------------------------------------- check command
+def test_check_reports_what_a_run_would_trip_over_and_changes_nothing(tree):
+    env, raw, pre = tree
+    preprocess(env, check=True)
+    proc = run_cli(["nnunet-foundation", "check", "-d", SYNTHETIC_ID, "-c", "3d_fullres", "-tr", MT], env)
+    assert "0 problem(s)" in proc.stdout and "4 case(s) preprocessed, matching imagesUnlabeled" in proc.stdout
+
+    (raw / "imagesUnlabeled" / "synthetic_u001_0000.nii.gz").unlink()
+    scan = raw / "imagesUnlabeled" / "synthetic_u002_0000.nii.gz"
+    scan.write_bytes(scan.read_bytes()[:500])
+    write_split(env, [{"train": LABELED[:3] + LABELED[:1], "val": LABELED[8:], "unlabeled": LABELED[2:5]}])
+    before = tree_digest(pre), tree_digest(raw)
+    proc = run_cli(["nnunet-foundation", "check", "-d", SYNTHETIC_ID, "-c", "3d_fullres"], env, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = proc.stdout
+    assert "synthetic_u002_0000.nii.gz is truncated" in report
+    assert "removed from imagesUnlabeled" in report and "synthetic_u001" in report
+    assert "'train' lists ['synthetic_000'] more than once" in report
+    assert "['synthetic_002'] are in both 'train' and 'unlabeled'" in report
+    assert (tree_digest(pre), tree_digest(raw)) == before
