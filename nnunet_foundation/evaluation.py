@@ -48,6 +48,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 from scipy import ndimage
 
+from nnunet_foundation.atomic_files import write_json_atomically
+
 METRICS = ("Dice", "HD95", "NSD")
 #: default NSD tolerance in mm (a per-class dict can override it)
 DEFAULT_TOLERANCE_MM = 1.0
@@ -304,10 +306,7 @@ def evaluate_folder(reference_folder: str, prediction_folder: str, dataset_json:
 def write_json(data, path: str) -> None:
     """Write standard JSON atomically: NaN becomes null (JSON has no NaN), and a crash never leaves a half-written
     file that would look finished."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_nan_to_none(data), f, indent=2, default=_json_default, allow_nan=False)
-    os.replace(tmp, path)
+    write_json_atomically(_nan_to_none(data), path, default=_json_default, allow_nan=False)
 
 
 def _nan_to_none(o):
