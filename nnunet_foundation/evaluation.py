@@ -48,9 +48,13 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 from scipy import ndimage
 
+from nnunet_foundation.atomic_files import write_json_atomically
+
 METRICS = ("Dice", "HD95", "NSD")
 #: default NSD tolerance in mm (a per-class dict can override it)
 DEFAULT_TOLERANCE_MM = 1.0
+#: relative difference of spacings still taken as the same (headers store rounded floats)
+SPACING_RTOL = 1e-3
 #: metrics where larger is better (used for "gap closed" and plots)
 HIGHER_IS_BETTER = {"Dice": True, "HD95": False, "NSD": True}
 
@@ -175,6 +179,15 @@ def classes_of(dataset_json: dict) -> Dict[str, str]:
     return {label_or_region_to_key(k): names.get(label_or_region_to_key(k), str(k)) for k in keys}
 
 
+def declared_label_values(dataset_json: dict) -> set:
+    """Every voxel value dataset.json allows in a segmentation: background, the labels (or the values regions are
+    built from) and the ignore label."""
+    values = set()
+    for value in dataset_json["labels"].values():
+        values.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return values
+
+
 def _normalise_tolerance(tolerance: Tolerance, class_keys: Sequence[str]) -> Dict[str, float]:
     if isinstance(tolerance, Mapping):
         unknown = sorted(set(tolerance) - set(class_keys) - {"default"})
@@ -195,12 +208,26 @@ def evaluate_case(reference_file: str, prediction_file: str, dataset_json: dict,
     reader = (reader_class or determine_reader_writer_from_dataset_json(dataset_json, reference_file,
                                                                          verbose=False))()
     ref, ref_props = reader.read_seg(reference_file)
-    pred, _ = reader.read_seg(prediction_file)
+    pred, pred_props = reader.read_seg(prediction_file)
     ref, pred = ref[0], pred[0]  # drop the channel axis nnU-Net's readers add
     if ref.shape != pred.shape:
         raise EvaluationError(f"{prediction_file} has shape {pred.shape} but its reference {reference_file} has "
                               f"{ref.shape}: predictions must be in the geometry of the reference images.")
     spacing = [float(s) for s in ref_props["spacing"]]
+    # same shape with another spacing is another geometry: distances in mm would be computed in the wrong one
+    if not np.allclose(pred_props["spacing"], spacing, rtol=SPACING_RTOL, atol=0):
+        raise EvaluationError(f"{prediction_file} has spacing {tuple(float(s) for s in pred_props['spacing'])} but "
+                              f"its reference {reference_file} has {tuple(spacing)}: predictions must be in the "
+                              f"geometry of the reference images (predict from the same images, or resample).")
+    declared = declared_label_values(dataset_json)
+    for array, path in ((ref, reference_file), (pred, prediction_file)):
+        # nnU-Net's readers return floats: 7.0 is label 7
+        found = {int(v) if float(v).is_integer() else float(v) for v in np.unique(array).tolist()}
+        undeclared = sorted(found - declared)
+        if undeclared:
+            raise EvaluationError(f"{path} contains label value(s) {undeclared[:10]} that dataset.json does not "
+                                  f"declare (labels: {dataset_json['labels']}). Check that the folder and "
+                                  f"dataset.json belong to the same dataset, or declare the labels.")
     valid = (ref != lm.ignore_label) if lm.has_ignore_label else None
     keys = lm.foreground_regions if lm.has_regions else lm.foreground_labels
     tolerances = _normalise_tolerance(tolerance, [label_or_region_to_key(k) for k in keys])
@@ -279,10 +306,7 @@ def evaluate_folder(reference_folder: str, prediction_folder: str, dataset_json:
 def write_json(data, path: str) -> None:
     """Write standard JSON atomically: NaN becomes null (JSON has no NaN), and a crash never leaves a half-written
     file that would look finished."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_nan_to_none(data), f, indent=2, default=_json_default, allow_nan=False)
-    os.replace(tmp, path)
+    write_json_atomically(_nan_to_none(data), path, default=_json_default, allow_nan=False)
 
 
 def _nan_to_none(o):

@@ -55,9 +55,24 @@ def read_state_dict(path: Union[str, os.PathLike], expected: str) -> Dict[str, t
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip archives, non-tensor objects refused by weights_only
         raise CheckpointError(f"cannot read checkpoint {path} (expected a {expected} checkpoint): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. The file may be "
-                              f"truncated or not a PyTorch checkpoint; {DOWNLOAD_HINT}.") from None
+                              f"{_describe_load_failure(e, path)}; {DOWNLOAD_HINT}.") from None
     return unwrap_state_dict(obj, path, expected)
+
+
+def _describe_load_failure(error: Exception, path: Path) -> str:
+    """What a failed ``torch.load`` says about the file, in our words.
+
+    torch's own message for anything its safe loader refuses advises re-running with ``weights_only=False``: wrong
+    for a damaged file and unsafe for a file of unknown origin, so it is never passed on.
+    """
+    text = str(error)
+    size = path.stat().st_size
+    if "PytorchStreamReader" in text or "zip archive" in text or isinstance(error, EOFError) or size == 0:
+        return f"the file ({size} bytes) is truncated or damaged (e.g. an interrupted download or copy)"
+    if "Weights only load failed" in text or "weights_only" in text:
+        return (f"the file ({size} bytes) is damaged or is not a plain checkpoint of tensors: it holds pickled "
+                f"Python objects, which are not loaded because unpickling a file can run arbitrary code")
+    return f"the file ({size} bytes) is damaged or not a PyTorch checkpoint ({type(error).__name__})"
 
 
 def unwrap_state_dict(obj, path: Union[str, os.PathLike], expected: str) -> Dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
+from nnunet_foundation.training.checkpoint_files import read_checkpoint_for_resume, save_checkpoint_atomically
 from nnunet_foundation.training.logging import SSLLocalLogger
 from nnunet_foundation.training.networks import load_state_dict_flexible, unwrap_network
 from nnunet_foundation.training.settings import record_or_check_settings, resolve_settings, SettingsError
@@ -223,11 +224,15 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.initialize()
         if not self._ssl_state_restored:
             self.sync_ssl_modules_with_network()
-        if self.local_rank == 0:
-            record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__,
-                                     resuming=self.resuming)
-            self.print_to_log_file("Semi-supervised settings: " + json.dumps(self.ssl_settings, sort_keys=True))
+        if self.local_rank == 0 and self.resuming:  # --c: refuse changed settings before any work is done
+            record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__, resuming=True)
         super().on_train_start()
+        # a new run records its settings only once it has really started (data found, loaders running): a start
+        # that fails must not overwrite the record of the run whose checkpoints are in this folder
+        if self.local_rank == 0:
+            if not self.resuming:
+                record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__, resuming=False)
+            self.print_to_log_file("Semi-supervised settings: " + json.dumps(self.ssl_settings, sort_keys=True))
 
     def on_train_end(self):
         super().on_train_end()
@@ -350,14 +355,16 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "ssl_state": ssl_state,
         }
-        torch.save(checkpoint, filename)
+        # temporary file + rename: a kill while writing leaves the previous checkpoint intact
+        save_checkpoint_atomically(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
             self.initialize()
         if isinstance(filename_or_checkpoint, str):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-            source = filename_or_checkpoint
+            # --c (self.resuming) may continue from the next readable checkpoint; --val and others name the file
+            checkpoint, source = read_checkpoint_for_resume(filename_or_checkpoint, self.device,
+                                                            allow_fallback=self.resuming, log=self.print_to_log_file)
         else:
             checkpoint, source = filename_or_checkpoint, "<checkpoint dict>"
         ssl_state = checkpoint.get("ssl_state")
