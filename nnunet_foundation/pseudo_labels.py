@@ -17,7 +17,6 @@ refused. ``part_id``/``num_parts`` split the cases across machines like nnU-Net'
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from nnunet_foundation.foundation.checkpoints import file_sha256
 
 MANIFEST = "manifest.json"
 #: label value of voxels the pseudo-label says nothing about
@@ -39,14 +40,6 @@ def cache_folder(preprocessed_dataset_folder_base: str, data_identifier: str, na
     return os.path.join(preprocessed_dataset_folder_base, f"{data_identifier}_pseudo_labels", name)
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def generalist_identity(configs: Sequence[dict]) -> List[dict]:
     """The generalist configurations with each checkpoint named by content (a copied or moved file is the same)."""
     out = []
@@ -57,7 +50,7 @@ def generalist_identity(configs: Sequence[dict]) -> List[dict]:
             from nnunet_foundation.foundation.litemedsam_backend import bundled_checkpoint
 
             path = bundled_checkpoint()
-        c["checkpoint_sha256"] = _file_digest(os.path.expanduser(path)) if path else None
+        c["checkpoint_sha256"] = file_sha256(os.path.expanduser(path)) if path else None
         out.append(c)
     return out
 

@@ -44,10 +44,10 @@ def checkpoint_digest(dataset: str, trainer: str, plans: str, configuration: str
     """SHA-256 over the specialist's checkpoint files: what a pseudo-label cache was made from."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+    from nnunet_foundation.foundation.checkpoints import file_sha256
+
     folder = get_output_folder(dataset, trainer, plans, configuration)
     digest = hashlib.sha256()
     for fold in folds:
-        with open(os.path.join(folder, f"fold_{fold}", checkpoint), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(file_sha256(os.path.join(folder, f"fold_{fold}", checkpoint)).encode())
     return digest.hexdigest()

@@ -229,8 +229,14 @@ def test_semisam_trains_predicts_and_resumes_through_the_cli(synthetic_dataset, 
     refused = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "3d_fullres", 0, "-tr", SEMISAM, "-device", "cpu", "--c"],
                       env_other, check=False)
     assert refused.returncode != 0 and "Refusing to resume" in refused.stdout + refused.stderr
+    # the same checkpoint file copied elsewhere (e.g. to an offline node) is the same generalist: the run continues
+    moved = tmp_path / "elsewhere" / "copy_of_tiny_sam.pth"
+    moved.parent.mkdir()
+    moved.write_bytes(Path(checkpoints["sam"]).read_bytes())
+    env_moved = {**env, "nnUNet_ssl_generalists": json.dumps({"backend": "sam", "model_type": "tiny",
+                                                              "checkpoint": str(moved)})}
     resumed = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "3d_fullres", 0, "-tr", SEMISAM, "-device", "cpu", "--c"],
-                      env)
+                      env_moved)
     assert resumed.returncode == 0
 
 

@@ -14,8 +14,10 @@ the error names it, so that the fix ("set model_type to vit_l") is in the messag
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
@@ -147,3 +149,19 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], pa
 def load_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike], expected: str, type_hint: str) -> None:
     """Read ``path`` and load it strictly into ``model`` (see :func:`read_state_dict` and :func:`load_into`)."""
     load_into(model, read_state_dict(path, expected), path, expected, type_hint)
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of a file's content, remembered per (path, size, modification time): checkpoints are compared by
+    content (resume checks, pseudo-label manifests) and hashing a ViT-H file takes seconds."""
+    stat = os.stat(path)
+    return _cached_sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

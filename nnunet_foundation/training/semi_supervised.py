@@ -33,7 +33,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunet_foundation.training.checkpoint_files import read_checkpoint_for_resume, save_checkpoint_atomically
 from nnunet_foundation.training.logging import SSLLocalLogger
 from nnunet_foundation.training.networks import load_state_dict_flexible, unwrap_network
-from nnunet_foundation.training.settings import record_or_check_settings, resolve_settings, SettingsError
+from nnunet_foundation.training.settings import (SettingsError, comparable_settings, record_or_check_settings,
+                                                 resolve_settings)
 from nnunet_foundation.training.unlabeled_stream import (UnlabeledDataLoader, describe_transforms, split_batch_size,
                                                          split_training_transforms)
 from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, collect_unlabeled_cases
@@ -373,8 +374,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f"{source} was not written by a semi-supervised trainer of nnunet-foundation (no 'ssl_state'), so "
                 f"{type(self).__name__} cannot resume from it. To start from its weights use "
                 f"'nnUNetv2_train ... -pretrained_weights {source}' instead of --c.")
-        if ssl_state.get("settings") != self.ssl_settings:
-            old, new = ssl_state.get("settings", {}), self.ssl_settings
+        old, new = comparable_settings(ssl_state.get("settings", {})), comparable_settings(self.ssl_settings)
+        if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise SettingsError(f"Refusing to resume from {source}: semi-supervised settings changed "
                                 f"(recorded, now): {diff}. Restore them or start a new run without --c.")

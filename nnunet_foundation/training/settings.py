@@ -218,6 +218,28 @@ def _is_trainer_name(name: str) -> bool:
                                        "nnunetv2.training.nnUNetTrainer") is not None
 
 
+def comparable_settings(settings: Mapping[str, Any]) -> dict:
+    """Settings as a resumed run must match them: a generalist's checkpoint counts by its content (SHA-256), not its
+    path, so a run can continue on a node where the same file lives elsewhere (the README suggests copying
+    checkpoints to offline nodes); a different file with the same name is still a change."""
+    out = dict(settings)
+    if out.get("generalists") in (None, "", []):
+        return out
+    from nnunet_foundation.foundation.config import GeneralistConfigError, read_generalist_setting
+    from nnunet_foundation.foundation.checkpoints import file_sha256
+
+    try:
+        entries = read_generalist_setting(out["generalists"])
+    except GeneralistConfigError:
+        return out  # unreadable now: compared as written, so the refusal shows both values
+    for entry in entries:
+        path = entry.get("checkpoint")
+        if path and os.path.isfile(os.path.expanduser(path)):
+            entry["checkpoint"] = {"sha256": file_sha256(os.path.expanduser(path))}
+    out["generalists"] = entries
+    return out
+
+
 def record_or_check_settings(output_folder: str, settings: dict, trainer_name: str, resuming: bool) -> None:
     """Write the settings of a new run; on resume, refuse settings that differ from the recorded ones."""
     path = os.path.join(output_folder, SETTINGS_FILE)
@@ -225,7 +247,7 @@ def record_or_check_settings(output_folder: str, settings: dict, trainer_name: s
     if resuming and os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
-        old = previous.get("settings", {})
+        old, settings = comparable_settings(previous.get("settings", {})), comparable_settings(settings)
         changed = {k: (old.get(k, "<missing>"), settings.get(k, "<missing>"))
                    for k in sorted(set(old) | set(settings)) if old.get(k, "<missing>") != settings.get(k, "<missing>")}
         if changed:
