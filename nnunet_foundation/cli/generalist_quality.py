@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+from nnunet_foundation.cli.arguments import (add_dataset_and_generalist_arguments, add_prompting_model_arguments,
+                                             load_configuration)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,15 +19,9 @@ def register(subparsers) -> None:
                     "('specialist': what SemiSAM and offline pseudo-labels get; needs -tr). Prints a table and writes "
                     "generalist_quality.md/.json/.png to -o.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-d", required=True, help="dataset name or ID (planned and preprocessed)")
-    p.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("--generalists", default=None,
-                   help="generalist configuration: JSON object, JSON list (each evaluated on its own) or a JSON file; "
-                        "default: LiteMedSAM (the package's default generalist)")
-    p.add_argument("-tr", default=None, help="trainer of the nnU-Net model that prompts in mode 'specialist'")
+    add_dataset_and_generalist_arguments(p)
+    add_prompting_model_arguments(p, required=False)
     p.add_argument("-f", nargs="+", default=["0"], help="fold(s) of that model")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint of that model")
     p.add_argument("--cases", nargs="+", default=None, help="case identifiers (default: --num-cases of the "
                                                               "preprocessed cases, sorted)")
     p.add_argument("--exclude-fold-training", type=int, default=None, metavar="FOLD",
@@ -34,15 +31,12 @@ def register(subparsers) -> None:
     p.add_argument("--modes", nargs="+", default=None, choices=("oracle", "specialist"),
                    help="prompting modes (default: oracle, plus specialist when -tr is given)")
     p.add_argument("-o", required=True, help="output folder of the report")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"), help="device for both models")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
                                                      describe_generalist, generalists_for_configuration)
@@ -54,15 +48,9 @@ def run(args) -> int:
         print("error: mode 'specialist' needs the trained model that prompts: -tr TRAINER [-f FOLD]", file=sys.stderr)
         return 2
     try:
-        dataset = maybe_convert_to_dataset_name(args.d)
-        base = os.path.join(nnUNet_preprocessed, dataset)
-        plans = load_json(os.path.join(base, f"{args.p}.json"))
-        dataset_json = load_json(os.path.join(base, "dataset.json"))
-        configuration = plans["configurations"][args.c]
+        dataset, base, _, configuration = load_configuration(args.d, args.p, args.c)
         folder = os.path.join(base, configuration["data_identifier"])
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d {args.d} -c "
-                                    f"{args.c} first")
+        dataset_json = load_json(os.path.join(base, "dataset.json"))
         configs = generalists_for_configuration(args.generalists, "generalist-quality", configuration)
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 

@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from nnunet_foundation.cli.arguments import (add_dataset_and_generalist_arguments, add_prompting_model_arguments,
+                                             load_configuration)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,28 +19,19 @@ def register(subparsers) -> None:
                     "the preprocessed data, with a manifest of what made them. Finished cases are skipped, so a "
                     "killed run continues; -part_id/-num_parts split the cases across machines.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-d", required=True, help="dataset name or ID")
-    p.add_argument("-c", required=True, help="configuration")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("-tr", required=True, help="trainer of the model that prompts (e.g. nnUNetTrainer)")
+    add_dataset_and_generalist_arguments(p)
+    add_prompting_model_arguments(p, required=True)
     p.add_argument("-f", type=int, required=True, help="fold: its model prompts and its unlabeled cases are labelled")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint of that model")
-    p.add_argument("--generalists", default=None,
-                   help="generalist configuration (JSON object or file; default LiteMedSAM)")
     p.add_argument("--min-confidence", type=float, default=0.5,
                    help="voxels whose pseudo-label probability is below this get the ignore value in 'label'")
     p.add_argument("--name", default=None, help="cache name (default: <trainer>__<plans>__fold<f>)")
     p.add_argument("-part_id", type=int, default=0, help="this machine's part of the cases")
     p.add_argument("-num_parts", type=int, default=1, help="number of parts the cases are split into")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"))
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_foundation import pseudo_labels as pl
     from nnunet_foundation.foundation.checkpoints import CheckpointError
@@ -50,12 +44,7 @@ def run(args) -> int:
         print("error: --min-confidence is a probability in [0, 1]", file=sys.stderr)
         return 2
     try:
-        dataset = maybe_convert_to_dataset_name(args.d)
-        base = os.path.join(nnUNet_preprocessed, dataset)
-        plans = load_json(os.path.join(base, f"{args.p}.json"))
-        if args.c not in plans["configurations"]:
-            raise KeyError(f"configuration {args.c!r} is not in {os.path.join(base, args.p + '.json')}")
-        configuration = plans["configurations"][args.c]
+        dataset, base, plans, configuration = load_configuration(args.d, args.p, args.c)
         configs = generalists_for_configuration(args.generalists, "pseudo-label", configuration)
         if len(configs) != 1:
             raise GeneralistConfigError("pseudo-label writes one generalist's labels: give one configuration")
