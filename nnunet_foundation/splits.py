@@ -69,11 +69,14 @@ def labeled_cases(preprocessed_dataset_folder_base: str) -> List[str]:
 
 def make_label_scarcity_splits(cases: Sequence[str], num_labeled: Sequence[int], seeds: Sequence[int],
                                num_val: int, test_cases: Sequence[str] = (), with_full: bool = False,
-                               labeled_from: Optional[Sequence[str]] = None):
+                               labeled_from: Optional[Sequence[str]] = None,
+                               other_seeds_at: Optional[Sequence[int]] = None):
     """Return (folds, fold_infos). ``cases`` excludes nothing; ``test_cases`` are removed from every list.
 
     ``labeled_from`` (default: every case) restricts the validation and labeled draws; the other non-test cases are
     unlabeled in every scarce fold and labeled in the fully supervised one. Without it the draws are unchanged.
+    ``other_seeds_at`` (default: all counts) limits the seeds after the first to these labeled counts, e.g. a second
+    seed at 4 labeled cases only, to afford it; every seed keeps its fully supervised fold (gap closed is per seed).
     """
     cases = sorted(cases)
     unknown = sorted(set(test_cases) - set(cases))
@@ -90,6 +93,9 @@ def make_label_scarcity_splits(cases: Sequence[str], num_labeled: Sequence[int],
         raise SplitError("the number of labeled cases must be at least 1.")
     if num_val < 1:
         raise SplitError("nnU-Net needs at least one validation case (--num-val >= 1).")
+    unknown_counts = sorted(set(other_seeds_at or ()) - set(counts))
+    if unknown_counts:
+        raise SplitError(f"--other-seeds-at {unknown_counts}: not among the labeled counts {counts}")
     largest = counts[-1] if counts else 0
     if largest + num_val > len(pool) or (largest + num_val == len(pool) and not always_unlabeled):
         where = "" if labeled_from is None else f" of the domains labeled cases come from ({len(always_unlabeled)} " \
@@ -98,11 +104,13 @@ def make_label_scarcity_splits(cases: Sequence[str], num_labeled: Sequence[int],
                          f"{len(pool)} available{where} ({len(cases)} labeled cases, {len(test_cases)} held out for "
                          f"testing). Ask for fewer labeled or validation cases.")
     folds, infos = [], []
-    for seed in seeds:
+    for k, seed in enumerate(seeds):
         order = pool[:]
         random.Random(seed).shuffle(order)
         val, rest = sorted(order[:num_val]), order[num_val:]
         for n in counts:
+            if k > 0 and other_seeds_at is not None and n not in other_seeds_at:
+                continue
             folds.append({"train": sorted(rest[:n]), "val": val, "unlabeled": sorted(rest[n:] + always_unlabeled)})
             infos.append(FoldInfo(len(infos), n, seed))
         if with_full:

@@ -229,10 +229,15 @@ def test_benchmark_report_gives_in_domain_and_cross_domain_metrics(converted, tm
         shutil.copytree(Path(converted["env"][key]) / DATASET_NAME, Path(env[key]) / DATASET_NAME)
         monkeypatch.setenv(key, env[key])
     monkeypatch.setenv("nnUNet_results", env["nnUNet_results"])
-    settings = BenchmarkSettings(dataset=str(DATASET_ID), configuration="2d", labeled=(2,), seeds=(0,),
+    settings = BenchmarkSettings(dataset=str(DATASET_ID), configuration="2d", labeled=(1, 2), seeds=(0, 1),
+                                 other_seeds_at=(2,),
                                  test_fraction=("cvc=0.34", "kvasir=0.25"), labeled_domains=("kvasir",),
                                  num_val=1, budget="smoke", output=str(tmp_path / "bench"))
     bench = Benchmark(settings)
+    assert [(i.num_labeled, i.seed) for i in bench.fold_infos] == [(1, 0), (2, 0), (None, 0), (2, 1), (None, 1)]
+    from nnunet_foundation.cli import build_parser
+
+    assert build_parser().parse_args(bench.settings.command_args("/x")).other_seeds_at == [2]
     assert bench.settings.command_args("/x")[bench.settings.command_args("/x").index("--test-fraction") + 1] == \
         "cvc=0.34"
     bench.prepare()
@@ -268,5 +273,6 @@ def test_benchmark_report_gives_in_domain_and_cross_domain_metrics(converted, tm
     report = (bench.output / "report.md").read_text()
     assert "### cvc (cross-domain): 3 test cases from 1 held-out groups" in report
     assert "### kvasir (in-domain): 2 test cases" in report and "(cvc 3, kvasir 2)" in report
-    for gap in ("0.625", "0.750", "0.250"):  # overall, cvc, kvasir
-        assert f"| nnUNetTrainerMeanTeacher_smoke | Dice | {gap} |" in report
+    assert data["aggregates"][ssl]["2"]["seeds"] == [0, 1] and data["aggregates"][ssl]["1"]["seeds"] == [0]
+    for gap in ("0.625", "0.750", "0.250"):  # overall, cvc, kvasir; columns 1 labeled (seed 0), 2 (seeds 0, 1)
+        assert f"| nnUNetTrainerMeanTeacher_smoke | Dice | {gap} | {gap} ± 0.000 |" in report

@@ -190,7 +190,8 @@ class Benchmark:
                 self.case_domains.check_names(s.labeled_domains, "--labeled-domain")
                 labeled_from = self.case_domains.cases_of(s.labeled_domains, cases)
             folds, infos = make_label_scarcity_splits(cases, s.labeled, s.seeds, s.num_val, test, with_full=True,
-                                                      labeled_from=labeled_from)
+                                                      labeled_from=labeled_from,
+                                                      other_seeds_at=s.other_seeds_at or None)
         except SplitError as e:
             raise BenchmarkError(str(e)) from None
         runs: List[Run] = []

@@ -22,6 +22,7 @@ class BenchmarkSettings:
     plans: str = "nnUNetPlans"
     labeled: Tuple[int, ...] = (2, 4)
     seeds: Tuple[int, ...] = (0,)
+    other_seeds_at: Tuple[int, ...] = ()  # seeds after the first only at these labeled counts; empty = every count
     trainers: Tuple[str, ...] = ("nnUNetTrainerMeanTeacher",)
     budget: str = "cpu500"
     num_val: int = 2
@@ -75,7 +76,8 @@ class BenchmarkSettings:
                                     # one spelling per study: sorted, and the unused test-case count zeroed
                                     "test_fraction": tuple(f"{d}={f:g}" for d, f in sorted(fractions.items())),
                                     "test_cases": 0 if self.test_list or fractions else self.test_cases,
-                                    "labeled_domains": tuple(sorted(set(self.labeled_domains)))})
+                                    "labeled_domains": tuple(sorted(set(self.labeled_domains))),
+                                    "other_seeds_at": tuple(sorted(set(self.other_seeds_at)))})
 
     def trainer_class(self, base: str) -> str:
         return f"{base}_{self.budget}"
@@ -84,6 +86,7 @@ class BenchmarkSettings:
         """Arguments of ``nnunet-foundation benchmark`` that reproduce these settings (output made absolute)."""
         args = ["benchmark", "-d", self.dataset, "-c", self.configuration, "-p", self.plans,
                 "--labeled", *map(str, self.labeled), "--seeds", *map(str, self.seeds),
+                *(["--other-seeds-at", *map(str, self.other_seeds_at)] if self.other_seeds_at else []),
                 "--trainers", *self.trainers, "--budget", self.budget, "--num-val", str(self.num_val)]
         if self.test_list:
             args += ["--test-list", self.test_list]

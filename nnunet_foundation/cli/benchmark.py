@@ -12,6 +12,7 @@ def run(args) -> int:
 
     settings = BenchmarkSettings(
         dataset=args.d, configuration=args.c, plans=args.p, labeled=tuple(args.labeled), seeds=tuple(args.seeds),
+        other_seeds_at=tuple(args.other_seeds_at or ()),
         trainers=tuple(args.trainers), budget=args.budget, num_val=args.num_val,
         test_cases=20 if args.test_cases is None else args.test_cases, test_list=args.test_list,
         test_seed=args.test_seed, test_fraction=tuple(args.test_fraction or ()),
@@ -105,6 +106,9 @@ def register(subparsers) -> None:
     p.add_argument("--labeled", type=int, nargs="+", default=[2, 4],
                    help="labeled training cases per fold, one fold per count and seed (default: 2 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="split seeds (default: 0)")
+    p.add_argument("--other-seeds-at", type=int, nargs="+", metavar="N",
+                   help="seeds after the first only at these labeled counts, to afford a second seed where it "
+                        "matters (default: every count); each seed keeps its fully supervised run")
     p.add_argument("--trainers", nargs="+", default=["nnUNetTrainerMeanTeacher"],
                    help="semi-supervised trainers, without budget suffix (default: nnUNetTrainerMeanTeacher); "
                         "nnUNetTrainer always runs as lower and upper bound")

@@ -49,7 +49,7 @@ def run(args) -> int:
                 raise SplitError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
             num_val = max(1, round(args.val_fraction * available))
         folds, infos = make_label_scarcity_splits(cases, counts, args.seeds, num_val, test, args.with_full,
-                                                  labeled_from=labeled_from)
+                                                  labeled_from=labeled_from, other_seeds_at=args.other_seeds_at)
         request = {k: v for k, v in vars(args).items() if k != "func"}
         written = write_splits(base, folds, infos, test, force=args.force, request=request)
     except (SplitError, OSError, json.JSONDecodeError) as e:
@@ -91,6 +91,8 @@ def register(subparsers) -> None:
     p.add_argument("--fraction", type=float, nargs="+",
                    help="labeled cases as a fraction of the non-test cases (one or more)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one set of folds per seed (default: 0)")
+    p.add_argument("--other-seeds-at", type=int, nargs="+", metavar="N",
+                   help="seeds after the first only at these labeled counts (default: every count)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--num-val", type=int, default=2, help="validation cases per seed (default: 2)")
     val.add_argument("--val-fraction", type=float,
