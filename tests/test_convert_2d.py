@@ -7,7 +7,7 @@ sequences" (a group file). The converted dataset is planned and preprocessed by 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +99,6 @@ def test_conversion_is_what_nnunet_reads_as_rgb_with_0_1_labels(converted):
 
 
 def test_rerun_changes_nothing_and_another_dataset_is_refused_unless_forced(converted, tmp_path):
-    import shutil
-
     env = nnunet_environment(tmp_path / "nnunet")
     shutil.copytree(converted["raw"], Path(env["nnUNet_raw"]) / DATASET_NAME)
     raw = Path(env["nnUNet_raw"]) / DATASET_NAME
@@ -199,8 +197,6 @@ def test_test_set_by_domain_holds_out_whole_groups_and_labels_come_from_one_doma
 
 
 def test_make_splits_by_domain_on_the_planned_dataset(converted, tmp_path):
-    import shutil
-
     env = nnunet_environment(tmp_path / "nnunet")
     for key in ("nnUNet_raw", "nnUNet_preprocessed"):
         shutil.copytree(Path(converted["env"][key]) / DATASET_NAME, Path(env[key]) / DATASET_NAME)
@@ -219,10 +215,10 @@ def test_make_splits_by_domain_on_the_planned_dataset(converted, tmp_path):
 
 def test_benchmark_report_gives_in_domain_and_cross_domain_metrics(converted, tmp_path, monkeypatch):
     """The report on fabricated per-case results (no training): per-domain tables recomputed from the cases."""
-    import shutil
-
     from nnunet_foundation.benchmark import Benchmark, BenchmarkSettings, write_reports
     from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER
+    from nnunet_foundation.cli import build_parser
+    from nnunet_foundation.evaluation import summarise
 
     env = nnunet_environment(tmp_path / "nnunet")
     for key in ("nnUNet_raw", "nnUNet_preprocessed"):
@@ -235,8 +231,6 @@ def test_benchmark_report_gives_in_domain_and_cross_domain_metrics(converted, tm
                                  num_val=1, budget="smoke", output=str(tmp_path / "bench"))
     bench = Benchmark(settings)
     assert [(i.num_labeled, i.seed) for i in bench.fold_infos] == [(1, 0), (2, 0), (None, 0), (2, 1), (None, 1)]
-    from nnunet_foundation.cli import build_parser
-
     assert build_parser().parse_args(bench.settings.command_args("/x")).other_seeds_at == [2]
     assert bench.settings.command_args("/x")[bench.settings.command_args("/x").index("--test-fraction") + 1] == \
         "cvc=0.34"
@@ -253,8 +247,6 @@ def test_benchmark_report_gives_in_domain_and_cross_domain_metrics(converted, tm
             metrics = {"Dice": dice, "HD95": 10 * (1 - dice), "NSD": dice}
             per_case.append({"case": case, "metrics": {"1": {**metrics, "n_ref": 1, "n_pred": 1}},
                              "foreground_mean": metrics})
-        from nnunet_foundation.evaluation import summarise
-
         evaluation = {"per_case": per_case, "classes": {"1": "polyp"}, "tolerance_mm": {"1": 1.0},
                       **summarise(per_case, {"1": "polyp"})}
         results.append({"run": run.describe(), "evaluation": evaluation, "training": {}, "timings": {}})
