@@ -30,6 +30,16 @@ def test_folds_are_disjoint_nested_seeded_and_exclude_the_test_set():
     assert again == folds
 
 
+def test_other_seeds_can_be_limited_to_some_labeled_counts():
+    folds, infos = make_label_scarcity_splits(CASES, [2, 4, 8], seeds=[0, 1], num_val=3, with_full=True,
+                                              other_seeds_at=[4])
+    assert [(i.num_labeled, i.seed) for i in infos] == [(2, 0), (4, 0), (8, 0), (None, 0), (4, 1), (None, 1)]
+    every, _ = make_label_scarcity_splits(CASES, [2, 4, 8], seeds=[0, 1], num_val=3, with_full=True)
+    assert folds[4] == every[5] and folds[5] == every[7]  # the same draws, only fewer folds
+    with pytest.raises(SplitError, match="not among the labeled counts"):
+        make_label_scarcity_splits(CASES, [2, 4], seeds=[0, 1], num_val=3, other_seeds_at=[3])
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_labeled=[28], num_val=2), "leave no unlabeled case"),
     (dict(num_labeled=[0], num_val=2), "at least 1"),

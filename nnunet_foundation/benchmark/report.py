@@ -88,10 +88,45 @@ def gaps(results: List[dict]) -> dict:
     return dict(out)
 
 
+def restrict_to_cases(results: List[dict], cases) -> List[dict]:
+    """The results with only these test cases, their aggregates recomputed from the per-case numbers."""
+    from nnunet_foundation.evaluation import summarise
+
+    keep = set(cases)
+    restricted = []
+    for r in results:
+        per_case = [c for c in r["evaluation"]["per_case"] if c["case"] in keep]
+        evaluation = {**r["evaluation"], "per_case": per_case, **summarise(per_case, r["evaluation"]["classes"])}
+        restricted.append({**r, "evaluation": evaluation})
+    return restricted
+
+
+def by_test_domain(results: List[dict], test_domains: Dict[str, str], test_groups: Dict[str, str],
+                   labeled_domains) -> dict:
+    """Aggregates and gap closed per domain of the test cases; empty when the test set has one domain only."""
+    names = sorted(set(test_domains.values()))
+    if len(names) < 2:
+        return {}
+    out = {}
+    for name in names:
+        cases = sorted(c for c, d in test_domains.items() if d == name)
+        subset = restrict_to_cases(results, cases)
+        setting = None
+        if labeled_domains:
+            setting = "in-domain" if name in labeled_domains else "cross-domain"
+        groups = {test_groups[c] for c in cases if test_groups.get(c) is not None}
+        out[name] = {"setting": setting, "num_test_cases": len(cases), "num_test_groups": len(groups),
+                     "test_cases": cases, "aggregates": aggregate(subset), "gap_closed": gaps(subset)}
+    return out
+
+
 def build_results(bench, results: List[dict], missing: List, command: Optional[str], cost: Optional[dict]) -> dict:
     from nnunet_foundation.benchmark.machine import machine_info
 
     s = bench.settings
+    domains = getattr(bench, "case_domains", None)
+    test_domains = {c: domains.domain[c] for c in bench.test_cases} if domains else None
+    test_groups = {c: domains.group[c] for c in bench.test_cases} if domains else {}
     machines = []
     for r in results:
         if r.get("machine") and r["machine"] not in machines:
@@ -128,6 +163,9 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
         "missing_runs": [r.run_id for r in missing],
         "aggregates": aggregate(results),
         "gap_closed": gaps(results),
+        "labeled_domains": list(s.labeled_domains),
+        "test_domains": test_domains,
+        "by_test_domain": by_test_domain(results, test_domains or {}, test_groups, s.labeled_domains),
         "cost": cost,
     }
 
@@ -183,9 +221,14 @@ def render_markdown(data: dict, plots: List[str]) -> str:
              + f", and `{data['trainers']['upper_bound']}` with every non-test, non-validation case labeled (upper "
                f"bound).",
              f"- **Seeds**: {', '.join(map(str, data['seeds']))} (one split per seed: validation cases and nested "
-             f"labeled sets); {data['num_val']} validation cases per seed.",
-             f"- **Test set**: {len(data['test_cases'])} held-out cases, in no training, unlabeled or validation "
-             f"list of any fold (`test_split.json`); all numbers below are on them.",
+             f"labeled sets); {data['num_val']} validation cases per seed"
+             + (f", labeled and validation cases from {', '.join(data['labeled_domains'])} only"
+                if data.get("labeled_domains") else "") + ".",
+             f"- **Test set**: {len(data['test_cases'])} held-out cases"
+             + (" (" + ", ".join(f"{d} {e['num_test_cases']}" for d, e in data["by_test_domain"].items()) + ")"
+                if data.get("by_test_domain") else "")
+             + ", in no training, unlabeled or validation list of any fold (`test_split.json`); all numbers below "
+               "are on them.",
              f"- **Machine**: {describe(m)}."
              + (" Runs were trained on: " + "; ".join(describe(x) for x in data["machine"]["runs"]) + "."
                 if data["machine"]["runs"] and data["machine"]["runs"] != [m] else ""),
@@ -209,17 +252,8 @@ def render_markdown(data: dict, plots: List[str]) -> str:
               "(SSL − labeled-only) / (fully supervised − labeled-only), per seed on the mean over test cases, then "
               "mean ± std over seeds: 0 = no better than the labeled cases alone, 1 = as good as labeling every "
               "case, negative = worse than labeled-only.", ""]
-    gap_columns = sorted({c for t in data["gap_closed"].values() for c in t}, key=_column_sort_key)
-    lines += ["| trainer | metric | " + " | ".join(f"{c} labeled" for c in gap_columns) + " |",
-              "|---|---" + "|---" * len(gap_columns) + "|"]
-    for trainer, per_column in sorted(data["gap_closed"].items()):
-        for metric in ("Dice", "NSD"):
-            cells = []
-            for c in gap_columns:
-                g = per_column.get(c, {}).get(metric)
-                cells.append("" if g is None else fmt({"mean": g["mean"], "std_over_cases": g["std"]}, "Dice"))
-            lines.append(f"| {trainer} | {metric} | " + " | ".join(cells) + " |")
-    lines += [""]
+    lines += _gap_table(data["gap_closed"]) + [""]
+    lines += _per_domain_sections(data, columns, upper_label)
 
     lines += ["## Per class (Dice, mean ± std over test cases)", ""]
     classes = next(iter(next(iter(aggregates.values())).values()))["per_class"] if aggregates else {}
@@ -269,6 +303,40 @@ def render_markdown(data: dict, plots: List[str]) -> str:
         lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
     lines += ["Per-case numbers, folds and training curves: `results.json`.", ""]
     return "\n".join(lines)
+
+
+def _gap_table(gap_closed: dict) -> List[str]:
+    gap_columns = sorted({c for t in gap_closed.values() for c in t}, key=_column_sort_key)
+    lines = ["| trainer | metric | " + " | ".join(f"{c} labeled" for c in gap_columns) + " |",
+             "|---|---" + "|---" * len(gap_columns) + "|"]
+    for trainer, per_column in sorted(gap_closed.items()):
+        for metric in ("Dice", "NSD"):
+            cells = []
+            for c in gap_columns:
+                g = per_column.get(c, {}).get(metric)
+                cells.append("" if g is None else fmt({"mean": g["mean"], "std_over_cases": g["std"]}, "Dice"))
+            lines.append(f"| {trainer} | {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_domain_sections(data: dict, columns: List[str], upper_label: str) -> List[str]:
+    """The tables above once more for the test cases of each domain (in-domain / cross-domain)."""
+    by_domain = data.get("by_test_domain") or {}
+    if not by_domain:
+        return []
+    lines = ["## Per test domain", "",
+             "The same numbers for the test cases of each domain separately (domains from the dataset's "
+             "`domains.json`). In-domain: the domain the labeled cases come from (`--labeled-domain`); cross-domain: "
+             "a domain with no labeled case (its non-test cases may be in the unlabeled pool and the fully "
+             "supervised fold). Gap closed is computed on each domain's test cases.", ""]
+    for domain, entry in by_domain.items():
+        setting = f" ({entry['setting']})" if entry.get("setting") else ""
+        groups = f" from {entry['num_test_groups']} held-out groups" if entry.get("num_test_groups") else ""
+        lines += [f"### {domain}{setting}: {entry['num_test_cases']} test cases{groups}", ""]
+        for metric, title in (("Dice", "Dice"), ("HD95", "HD95 (mm)"), ("NSD", "NSD")):
+            lines += [f"{title}:", ""] + _metric_table(entry, metric, "std_over_cases", columns, upper_label) + [""]
+        lines += ["Fraction of the gap closed:", ""] + _gap_table(entry["gap_closed"]) + [""]
+    return lines
 
 
 def _class_name(data: dict, key: str) -> str:

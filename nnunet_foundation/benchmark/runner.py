@@ -162,20 +162,36 @@ class Benchmark:
                                  f"{self.settings.budget}).")
 
     def _plan(self):
-        from nnunet_foundation.splits import (SplitError, draw_test_cases, labeled_cases,
-                                              make_label_scarcity_splits)
+        from nnunet_foundation.splits import (CaseDomains, SplitError, draw_test_cases, draw_test_cases_by_group,
+                                              labeled_cases, make_label_scarcity_splits, parse_domain_fractions)
 
         s = self.settings
         try:
             cases = labeled_cases(str(self.preprocessed))
+            # domains.json (convert-2d): needed by the per-domain options, and gives the report per-domain metrics
+            self.case_domains = CaseDomains.load_if_present(str(self.raw))
+            if (s.test_fraction or s.labeled_domains) and self.case_domains is None:
+                raise BenchmarkError(f"--test-fraction and --labeled-domain need {self.raw / 'domains.json'} (the "
+                                     f"cases' domains and groups, written by 'nnunet-foundation convert-2d')")
+            if self.case_domains is not None:
+                self.case_domains.check_covers(cases)
             if s.test_list:
                 try:
                     test = sorted(set(_load_json(Path(s.test_list))))
                 except (OSError, ValueError) as e:
                     raise BenchmarkError(f"--test-list {s.test_list}: {e} (expected a JSON list of case ids)") from None
+            elif s.test_fraction:
+                test = draw_test_cases_by_group(cases, self.case_domains, parse_domain_fractions(s.test_fraction),
+                                                s.test_seed)
             else:
                 test = draw_test_cases(cases, s.test_cases, s.test_seed)
-            folds, infos = make_label_scarcity_splits(cases, s.labeled, s.seeds, s.num_val, test, with_full=True)
+            labeled_from = None
+            if s.labeled_domains:
+                self.case_domains.check_names(s.labeled_domains, "--labeled-domain")
+                labeled_from = self.case_domains.cases_of(s.labeled_domains, cases)
+            folds, infos = make_label_scarcity_splits(cases, s.labeled, s.seeds, s.num_val, test, with_full=True,
+                                                      labeled_from=labeled_from,
+                                                      other_seeds_at=s.other_seeds_at or None)
         except SplitError as e:
             raise BenchmarkError(str(e)) from None
         runs: List[Run] = []

@@ -22,12 +22,15 @@ class BenchmarkSettings:
     plans: str = "nnUNetPlans"
     labeled: Tuple[int, ...] = (2, 4)
     seeds: Tuple[int, ...] = (0,)
+    other_seeds_at: Tuple[int, ...] = ()  # seeds after the first only at these labeled counts; empty = every count
     trainers: Tuple[str, ...] = ("nnUNetTrainerMeanTeacher",)
     budget: str = "cpu500"
     num_val: int = 2
     test_cases: int = 20
     test_list: Optional[str] = None
     test_seed: int = 0
+    test_fraction: Tuple[str, ...] = ()  # 'DOMAIN=FRACTION': whole groups per domain of domains.json, not test_cases
+    labeled_domains: Tuple[str, ...] = ()  # labeled and validation cases only from these domains; empty = all
     tolerance: Tuple[str, ...] = ()  # as given on the command line ('1.0' or 'CLASS=MM'); empty = 1 mm
     device: str = "cpu"
     output: str = "benchmark"
@@ -54,14 +57,27 @@ class BenchmarkSettings:
             raise BenchmarkError("--labeled needs one or more counts of at least 1 labeled case")
         if not self.seeds:
             raise BenchmarkError("--seeds needs at least one seed")
-        if self.test_list is None and self.test_cases < 1:
+        if self.test_list and self.test_fraction:
+            raise BenchmarkError("--test-list and --test-fraction exclude each other")
+        if self.test_list is None and not self.test_fraction and self.test_cases < 1:
             raise BenchmarkError("the benchmark reports on held-out cases only: --test-cases must be at least 1 "
-                                 "(or give --test-list)")
+                                 "(or give --test-list or --test-fraction)")
+        from nnunet_foundation.splits import SplitError, parse_domain_fractions
+
+        try:
+            fractions = parse_domain_fractions(self.test_fraction)
+        except SplitError as e:
+            raise BenchmarkError(str(e)) from None
         if self.device not in ("cpu", "cuda", "mps"):
             raise BenchmarkError(f"--device must be cpu, cuda or mps, not {self.device!r}")
         return BenchmarkSettings(**{**asdict(self), "labeled": tuple(sorted(set(self.labeled))),
                                     "seeds": tuple(dict.fromkeys(self.seeds)), "trainers": tuple(trainers),
-                                    "tolerance": tuple(self.tolerance)})
+                                    "tolerance": tuple(self.tolerance),
+                                    # one spelling per study: sorted, and the unused test-case count zeroed
+                                    "test_fraction": tuple(f"{d}={f:g}" for d, f in sorted(fractions.items())),
+                                    "test_cases": 0 if self.test_list or fractions else self.test_cases,
+                                    "labeled_domains": tuple(sorted(set(self.labeled_domains))),
+                                    "other_seeds_at": tuple(sorted(set(self.other_seeds_at)))})
 
     def trainer_class(self, base: str) -> str:
         return f"{base}_{self.budget}"
@@ -70,11 +86,16 @@ class BenchmarkSettings:
         """Arguments of ``nnunet-foundation benchmark`` that reproduce these settings (output made absolute)."""
         args = ["benchmark", "-d", self.dataset, "-c", self.configuration, "-p", self.plans,
                 "--labeled", *map(str, self.labeled), "--seeds", *map(str, self.seeds),
+                *(["--other-seeds-at", *map(str, self.other_seeds_at)] if self.other_seeds_at else []),
                 "--trainers", *self.trainers, "--budget", self.budget, "--num-val", str(self.num_val)]
         if self.test_list:
             args += ["--test-list", self.test_list]
+        elif self.test_fraction:
+            args += ["--test-fraction", *self.test_fraction, "--test-seed", str(self.test_seed)]
         else:
             args += ["--test-cases", str(self.test_cases), "--test-seed", str(self.test_seed)]
+        if self.labeled_domains:
+            args += ["--labeled-domain", *self.labeled_domains]
         if self.tolerance:
             args += ["--tolerance", *self.tolerance]
         args += ["--device", self.device, "-np", str(self.num_processes), "--output", output]

@@ -12,9 +12,15 @@ def run(args) -> int:
 
     settings = BenchmarkSettings(
         dataset=args.d, configuration=args.c, plans=args.p, labeled=tuple(args.labeled), seeds=tuple(args.seeds),
-        trainers=tuple(args.trainers), budget=args.budget, num_val=args.num_val, test_cases=args.test_cases,
-        test_list=args.test_list, test_seed=args.test_seed, tolerance=tuple(args.tolerance or ()),
+        other_seeds_at=tuple(args.other_seeds_at or ()),
+        trainers=tuple(args.trainers), budget=args.budget, num_val=args.num_val,
+        test_cases=20 if args.test_cases is None else args.test_cases, test_list=args.test_list,
+        test_seed=args.test_seed, test_fraction=tuple(args.test_fraction or ()),
+        labeled_domains=tuple(args.labeled_domain or ()), tolerance=tuple(args.tolerance or ()),
         device=args.device, output=args.output, num_processes=args.np)
+    if args.test_cases is not None and (args.test_list or args.test_fraction):
+        print("error: --test-cases, --test-list and --test-fraction exclude each other", file=sys.stderr)
+        return 2
     modes = [m for m in ("dry_run", "print_commands", "report_only") if getattr(args, m)] + (["run"] if args.run else [])
     try:
         if len(modes) > 1:
@@ -87,6 +93,8 @@ def register(subparsers) -> None:
                "  nnunet-foundation benchmark -d 4 -c 3d_fullres --labeled 2 4 8 --seeds 0 1 --test-cases 40 \\\n"
                "      --num-val 4 --trainers nnUNetTrainerMeanTeacher nnUNetTrainerCPS --budget cpu500 \\\n"
                "      --device cpu --output bench_hippocampus\n"
+               "  nnunet-foundation benchmark -d 150 -c 2d --labeled 2 4 8 --test-fraction kvasir=0.25 cvc=0.33 \\\n"
+               "      --labeled-domain kvasir ...   (multi-domain dataset from convert-2d: per-domain test metrics)\n"
                "  ... --dry-run            show the runs and their state, write nothing\n"
                "  ... --print-commands     prepare splits and test data, print one job line per run (cluster)\n"
                "  ... --report-only        report the finished runs, train nothing\n"
@@ -98,16 +106,27 @@ def register(subparsers) -> None:
     p.add_argument("--labeled", type=int, nargs="+", default=[2, 4],
                    help="labeled training cases per fold, one fold per count and seed (default: 2 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="split seeds (default: 0)")
+    p.add_argument("--other-seeds-at", type=int, nargs="+", metavar="N",
+                   help="seeds after the first only at these labeled counts, to afford a second seed where it "
+                        "matters (default: every count); each seed keeps its fully supervised run")
     p.add_argument("--trainers", nargs="+", default=["nnUNetTrainerMeanTeacher"],
                    help="semi-supervised trainers, without budget suffix (default: nnUNetTrainerMeanTeacher); "
                         "nnUNetTrainer always runs as lower and upper bound")
     p.add_argument("--budget", default="cpu500",
                    help=f"training budget suffix, the same for every run (default: cpu500; one of {', '.join(BUDGETS)})")
     p.add_argument("--num-val", type=int, default=2, help="validation cases per seed (default: 2)")
-    p.add_argument("--test-cases", type=int, default=20,
+    p.add_argument("--test-cases", type=int,
                    help="held-out test cases drawn from the labeled cases (default: 20)")
     p.add_argument("--test-list", help="JSON list of case ids to hold out instead of drawing them")
+    p.add_argument("--test-fraction", nargs="+", metavar="DOMAIN=FRACTION",
+                   help="instead: hold out this fraction of each named domain's groups (whole groups, e.g. video "
+                        "sequences; single cases in a domain without groups), from the dataset's domains.json "
+                        "(convert-2d); the report then also gives the test metrics per domain")
     p.add_argument("--test-seed", type=int, default=0, help="seed of the test-case draw (default: 0)")
+    p.add_argument("--labeled-domain", nargs="+", metavar="DOMAIN",
+                   help="draw labeled and validation cases from these domains only (in-domain); the non-test cases "
+                        "of the other domains are unlabeled in every scarce fold and labeled in the fully "
+                        "supervised one (default: all domains)")
     p.add_argument("--tolerance", nargs="+", metavar="MM|CLASS=MM",
                    help="NSD tolerance in mm, for all classes and/or per class label value (default: 1.0)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="training device (default: cpu)")

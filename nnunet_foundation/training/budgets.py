@@ -37,6 +37,11 @@ BUDGETS = {
     # iteration on 2 cores, against 0.8 s for one 3d_fullres iteration at batch 2)
     "cpu2d": Budget(20, 75, 5, batch_size=16,
                     description="20 epochs x 75 iterations, batch 16 (CPU benchmark of a 2d configuration)"),
+    # the two-domain polyp CPU study (benchmarks/polyps.sh): RGB images shrunk to 128 px, 2d patches of 112 x 128;
+    # 4 of them are 1.6x the pixels of a Hippocampus 2d batch of 16, and the study has 14+ trainings, so a third of
+    # cpu2d's iterations (docs/benchmarks/polyps_cpu_budget.md)
+    "cpu2dpolyps": Budget(20, 25, 5, batch_size=4,
+                          description="20 epochs x 25 iterations, batch 4 (CPU study of 2d RGB images at 128 px)"),
     # a CPU benchmark: 500 iterations at batch 2 (about 10-15 min per 3d_fullres run on 2 cores for Hippocampus)
     "cpu500": Budget(20, 25, 5, batch_size=2, description="20 epochs x 25 iterations, batch 2 (CPU benchmark)"),
     # a short GPU benchmark: 1000 iterations at the plan's batch size (Hippocampus: ~15 min for 7 runs sharing one

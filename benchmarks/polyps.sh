@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The two-domain polyp study of issue 14 (Kvasir-SEG in-domain, CVC-ClinicDB cross-domain) in one command:
+#
+#   bash benchmarks/polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]
+#
+#   DEVICE         cpu or cuda
+#   BUDGET         a budget name (cpu2dpolyps on 2 CPU cores; gpu1k, gpu10k on a GPU; see README "Budgets")
+#   OUTPUT         folder for the benchmark's report, predictions and logs
+#   PARALLEL_JOBS  runs trained at the same time (default 1)
+#
+# Steps, each skipped when already done (rerun the same command to continue an interrupted study):
+#  1. convert $POLYPS_DATA (default ../shared/data/Polyps; read its README for the licences: research use, cite
+#     Jha et al. 2020 and Bernal et al. 2015) into $nnUNet_raw/Dataset150_Polyps with convert-2d: RGB PNGs with the
+#     longest side shrunk to MAX_SIZE (default 128) pixels, 0/1 masks, domains kvasir and cvc, CVC frames grouped by
+#     their video sequence (domains.json);
+#  2. plan and preprocess the 2d configuration (nnU-Net plans a 112 x 128 patch, 5 stages, for MAX_SIZE=128);
+#  3. the benchmark: labeled sets of 2, 4 and 8 Kvasir-SEG images (nested; seed 0, and seed 1 at 4 labeled images),
+#     4 Kvasir-SEG validation images per seed, every other non-test image of both sets unlabeled (a mixed-domain
+#     pool; all of them labeled for the fully supervised row), test set = 25% of the Kvasir-SEG images (in-domain)
+#     and a third of the CVC-ClinicDB video sequences, whole (cross-domain), reported separately and pooled.
+#     Every nnU-Net row trains for the same budget. HD95 is in pixels of the resized images (PNG has no spacing)
+#     and NSD uses a 2-pixel tolerance.
+#
+# CPU budget (2 cores), `bash benchmarks/polyps.sh cpu cpu2dpolyps OUTPUT`: 20 epochs x 25 iterations = 500
+# iterations at batch 4 (+ 4 unlabeled) of 112 x 128 patches for every nnU-Net row. The default rows (labeled-only,
+# Mean Teacher, CPS; fully supervised) are 4 scarce folds x 3 + 2 = 14 trainings, each followed by the prediction of
+# the ~344 test images: about 1.5-2 hours on an otherwise idle 2-core machine, by the estimate in
+# docs/benchmarks/polyps_cpu_budget.md (cost per iteration measured on this data, times the runs). That leaves
+# about an hour of the 3-hour budget for the rows of issue 14 that this package does not have yet (SemiSAM with a
+# LiteMedSAM checkpoint configured through nnUNet_ssl_config, self-training, the generalist alone): add them with
+# TRAINERS="..." once available; the estimate says what each costs. The report's "Training time" table shows the
+# real seconds per epoch after the first runs.
+#
+# Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
+# (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS), MAX_SIZE the image size, NNUNET_NP the worker processes.
+set -euo pipefail
+DEVICE=${1:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
+BUDGET=${2:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
+OUTPUT=${3:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
+JOBS=${4:-1}
+DATA=${POLYPS_DATA:-$(dirname "$0")/../../shared/data/Polyps}
+MAX_SIZE=${MAX_SIZE:-128}
+TRAINERS=${TRAINERS:-nnUNetTrainerMeanTeacher nnUNetTrainerCPS}
+NP=${NNUNET_NP:-$(( $(nproc) > 8 ? 8 : $(nproc) ))}
+: "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
+START=$(date +%s)
+elapsed() { local s=$(( $(date +%s) - START )); printf '%d:%02d:%02d' $((s / 3600)) $((s / 60 % 60)) $((s % 60)); }
+
+# shellcheck disable=SC2206
+ARGS=(-d 150 -c 2d --labeled 2 4 8 --seeds 0 1 --other-seeds-at 4 --num-val 4
+      --test-fraction kvasir=0.25 cvc=0.33 --test-seed 0 --labeled-domain kvasir
+      --trainers $TRAINERS --budget "$BUDGET" --tolerance 2 --device "$DEVICE" -np "$NP" --output "$OUTPUT")
+
+echo "== [$(elapsed)] converting $DATA into $nnUNet_raw/Dataset150_Polyps (longest side $MAX_SIZE px; unchanged if done)"
+nnunet-foundation convert-2d -d 150 --name Polyps --label-name polyp --max-size "$MAX_SIZE" \
+    --source "kvasir=$DATA/Kvasir-SEG/images:$DATA/Kvasir-SEG/masks" \
+    --source "cvc=$DATA/CVC-ClinicDB/images:$DATA/CVC-ClinicDB/masks" --groups cvc=cvc-clinicdb \
+    --licence "research and education only; cite Jha et al. 2020 (Kvasir-SEG) and Bernal et al. 2015 (CVC-ClinicDB)"
+if [ ! -d "$nnUNet_preprocessed/Dataset150_Polyps/nnUNetPlans_2d" ]; then
+    echo "== [$(elapsed)] planning and preprocessing (2d)"
+    nnUNetv2_plan_and_preprocess -d 150 -c 2d -np "$NP"
+fi
+
+echo "== [$(elapsed)] benchmark: splits, held-out test data, one job line per unfinished run"
+JOBFILE="${OUTPUT%/}.jobs.sh"  # beside OUTPUT: the benchmark only adopts an empty or its own folder
+nnunet-foundation benchmark "${ARGS[@]}" --print-commands > "$JOBFILE"
+if [ "$JOBS" -gt 1 ]; then
+    echo "== [$(elapsed)] $(grep -c -- ' --run ' "$JOBFILE" || true) runs, $JOBS at a time (logs in $OUTPUT/logs)"
+    grep -- ' --run ' "$JOBFILE" | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "job failed: {}"'
+fi
+# Sequential runs (JOBS=1; each prints its epochs and test metrics), or what a failed parallel job left, then the report.
+nnunet-foundation benchmark "${ARGS[@]}"
+echo "== [$(elapsed)] done: $OUTPUT/report.md"
