@@ -224,14 +224,14 @@ def test_checkpoint_round_trip_restores_everything(started_trainer, trainer_fact
 
 # ---------------------------------------------------------------------------------------------- UA-MT
 def test_ua_mt_masked_consistency_and_threshold_schedule():
-    from nnunet_foundation.methods.ua_mt import entropy, masked_softmax_mse
+    from nnunet_foundation.training.losses import entropy, softmax_mse
 
     teacher = torch.tensor([[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]]).T.reshape(1, 3, 2)  # certain, uniform
     assert entropy(teacher)[0, 0, 0] < 0.2 and entropy(teacher)[0, 0, 1] == pytest.approx(math.log(3), abs=1e-4)
     student_logits = torch.zeros(1, 3, 2, requires_grad=True)  # uniform everywhere
     mask = (entropy(teacher) < 0.75 * math.log(3)).float()
     assert mask.flatten().tolist() == [1.0, 0.0]
-    loss = masked_softmax_mse(student_logits, teacher, mask)
+    loss = softmax_mse(student_logits, teacher, mask)
     # only the certain voxel counts: mean over its three classes of (1/3 - p)^2
     expected = sum((1 / 3 - p) ** 2 for p in (0.98, 0.01, 0.01)) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
