@@ -90,7 +90,6 @@ def _plans_fingerprint(plans: dict, configuration: str) -> str:
 
 def _preprocess_one(args) -> str:
     case, files, out_folder, plans, configuration, dataset_json = args
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor  # noqa: F401
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
