@@ -70,3 +70,12 @@ def test_fixmatch_trains_and_predicts_through_the_cli(synthetic_dataset, tmp_pat
         seg = sitk.ReadImage(str(pred / f"{case}.nii.gz"))
         assert seg.GetSize() == sitk.ReadImage(str(images / f"{case}_0000.nii.gz")).GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2}
+
+
+def test_the_worked_example_in_the_docs_is_the_trainer_file():
+    from conftest import REPO
+
+    doc = (REPO / "docs" / "adding_a_method.md").read_text()
+    source = (REPO / "nnunet_foundation" / "methods" / "fixmatch.py").read_text()
+    assert "```python\n" + source + "```" in doc
+    assert len(source.splitlines()) < 120
