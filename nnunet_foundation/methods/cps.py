@@ -5,9 +5,10 @@ labeled batch and with cross-entropy towards the *other* network's hard predicti
 unlabeled batch — and, as in the paper, on the labeled batch too (``cps_on_labeled``). The cross term is applied
 at every deep-supervision scale with nnU-Net's scale weights and ramped up over training progress.
 
-The second network is set up like nnU-Net's own (its optimiser from ``configure_optimizers``, nnU-Net's schedule). Inference uses the first
-network (``network_weights``); the second is kept in the checkpoint for ``--c``. With ``-pretrained_weights`` only
-the first network starts from them: two identical starts would make the cross supervision vanish.
+The second network is set up like nnU-Net's own (its optimiser from ``configure_optimizers``, nnU-Net's schedule).
+Inference uses the first network (``network_weights``); the second is kept in the checkpoint for ``--c``. With
+``-pretrained_weights`` only the first network starts from them: two identical starts would make the cross
+supervision vanish.
 """
 from __future__ import annotations
 
