@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-
-
-@dataclass
-class SyntheticCase:
-    image: np.ndarray  # (Z, Y, X) float32
-    label: np.ndarray  # (Z, Y, X) uint8
 
 
 def make_case(rng: np.random.Generator, shape: Sequence[int] = (24, 32, 32), num_channels: int = 1) -> tuple:

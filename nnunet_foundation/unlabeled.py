@@ -290,7 +290,6 @@ def unlabeled_folder_status(folder: str, raw_cases: Dict[str, List[str]], finger
 def _preprocess_one(args) -> Tuple[str, Dict[str, dict]]:
     """Preprocess one case into a scratch folder and move its files into place; returns (case, its sources)."""
     case, files, out_folder, plans, configuration, dataset_json, dataset_is_2d = args
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor  # noqa: F401
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 

@@ -259,14 +259,14 @@ def test_checkpoint_round_trip_restores_everything(started_trainer, trainer_fact
 
 # ---------------------------------------------------------------------------------------------- UA-MT
 def test_ua_mt_masked_consistency_and_threshold_schedule():
-    from nnunet_foundation.methods.ua_mt import entropy, masked_softmax_mse
+    from nnunet_foundation.training.losses import entropy, softmax_mse
 
     teacher = torch.tensor([[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]]).T.reshape(1, 3, 2)  # certain, uniform
     assert entropy(teacher)[0, 0, 0] < 0.2 and entropy(teacher)[0, 0, 1] == pytest.approx(math.log(3), abs=1e-4)
     student_logits = torch.zeros(1, 3, 2, requires_grad=True)  # uniform everywhere
     mask = (entropy(teacher) < 0.75 * math.log(3)).float()
     assert mask.flatten().tolist() == [1.0, 0.0]
-    loss = masked_softmax_mse(student_logits, teacher, mask)
+    loss = softmax_mse(student_logits, teacher, mask)
     # only the certain voxel counts: mean over its three classes of (1/3 - p)^2
     expected = sum((1 / 3 - p) ** 2 for p in (0.98, 0.01, 0.01)) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -307,3 +307,86 @@ def test_ua_mt_step_uses_uncertainty_mask_and_reaches_student(trainer_factory):
     assert any(not torch.allclose(a, b) for a, b in zip(g0, g1))
     assert all(p.grad is None for p in t.teacher.parameters())
     t.dataloader_unlabeled = None
+
+
+# ------------------------------------------------------------------------------- shared losses and views
+def test_over_scales_downsamples_a_full_resolution_pseudo_label_and_skips_zero_weights():
+    from nnunet_foundation.training.losses import ce_dice, cross_entropy, over_scales, resize_to
+
+    torch.manual_seed(0)
+    outputs = [torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)]
+    label = torch.randint(0, 3, (2, 8, 8))
+    mask = torch.rand(2, 8, 8) > 0.3
+    total = over_scales(ce_dice, (1.0, 0.5, 0.0), outputs, label, mask)
+    half_label, half_mask = label[:, ::2, ::2], mask[:, ::2, ::2]  # nearest neighbour at half resolution
+    assert torch.equal(resize_to(label, (4, 4)), half_label) and resize_to(mask, (4, 4)).dtype == torch.bool
+    expected = ce_dice(outputs[0], label, mask) + 0.5 * ce_dice(outputs[1], half_label, half_mask)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    # masked cross-entropy counts the confident voxels only
+    per_voxel = torch.nn.functional.cross_entropy(outputs[0], label, reduction="none")
+    assert cross_entropy(outputs[0], label, mask).item() == pytest.approx(per_voxel[mask].mean().item(), rel=1e-5)
+    # a probability target is area-averaged: it still sums to one at every scale
+    probs = torch.softmax(torch.randn(2, 3, 8, 8), 1)
+    assert torch.allclose(resize_to(probs, (4, 4)).sum(1), torch.ones(2, 4, 4))
+
+
+def test_strong_views_perturb_each_sample_differently_and_keep_geometry():
+    from nnunet_foundation.training.views import gaussian_blur, paste_boxes, random_boxes, strong_views
+
+    torch.manual_seed(0)
+    weak = torch.zeros(3, 1, 16, 16)
+    weak[:, :, 4:12, 4:12] = 2.0  # a bright square on a dark background, z-score-like values
+    weak = weak - weak.mean()
+    views = strong_views(weak, 2)
+    assert len(views) == 2 and all(v.shape == weak.shape and v.dtype == torch.float32 for v in views)
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[0], weak)
+    # new factors per sample, not one for the batch
+    assert not torch.allclose(views[0][0], views[0][1], atol=1e-3)
+    # photometric only: the square stays where it is (brighter inside than outside in every view)
+    for v in views:
+        assert bool((v[:, :, 6:10, 6:10].mean((1, 2, 3)) > v[:, :, :2, :2].mean((1, 2, 3))).all())
+    # the blur keeps a constant image constant and smooths an edge, in 2D and 3D
+    assert torch.allclose(gaussian_blur(torch.ones(2, 1, 5, 6, 7), torch.tensor([0.5, 1.5])), torch.ones(2, 1, 5, 6, 7))
+    edge = gaussian_blur(weak[:1], torch.tensor([1.0]))
+    assert edge[0, 0, 8, 3] > weak[0, 0, 8, 3] and edge[0, 0, 8, 4] < weak[0, 0, 8, 4]
+    # CutMix: images and per-voxel maps are mixed with the same box
+    box = random_boxes((16, 16), 3, torch.Generator().manual_seed(0))
+    mixed = paste_boxes(box, torch.zeros(3, 1, 16, 16), torch.ones(3, 1, 16, 16))
+    labels = paste_boxes(box, torch.zeros(3, 16, 16, dtype=torch.long), torch.full((3, 16, 16), 2))
+    assert torch.equal(mixed[:, 0] == 1, box) and torch.equal(labels == 2, box)
+
+
+def test_ema_teacher_of_trainable_parameters_only():
+    from nnunet_foundation.training.networks import EMATeacher
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    student[0].requires_grad_(False)  # a frozen backbone
+    ema = EMATeacher(student, decay=0.99, trainable_only=True)
+    assert set(ema.state_dict()) == {"1.weight", "1.bias"}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(step=3)  # warm-up decay min(1 - 1/4, 0.99) = 0.75
+    torch.testing.assert_close(ema.module[1].weight, 0.75 * before["1.weight"] + 0.25 * student[1].weight)
+    assert torch.equal(ema.module[0].weight, before["0.weight"])  # frozen part: neither averaged nor stored
+    restored = EMATeacher(student, decay=0.99, trainable_only=True)
+    restored.load_state_dict(ema.state_dict())
+    assert torch.equal(restored.module[1].weight, ema.module[1].weight)
+
+
+def test_extra_network_gets_the_variants_optimiser_and_follows_deep_supervision(trainer_factory):
+    t = trainer_factory("nnUNetTrainerCPS_smoke", configuration="2d")
+    # a trainer variant that overrides configure_optimizers (here on the instance) changes it for every network
+    t.configure_optimizers = lambda: (torch.optim.Adam(t.network.parameters(), 3e-4), None)
+    t.initialize()
+    assert isinstance(t.optimizer, torch.optim.Adam) and isinstance(t.optimizer_b, torch.optim.Adam)
+    params_b = {id(p) for p in t.network_b.parameters()}
+    assert {id(p) for g in t.optimizer_b.param_groups for p in g["params"]} == params_b
+    assert not params_b & {id(p) for p in t.network.parameters()}
+    assert t.extra_optimizers() == [(t.optimizer_b, t.network_b)]
+    t.set_deep_supervision_enabled(False)
+    assert not unwrap_network(t.network_b).decoder.deep_supervision and not t.network.decoder.deep_supervision
+    t.set_deep_supervision_enabled(True)
+    assert unwrap_network(t.network_b).decoder.deep_supervision

@@ -218,7 +218,7 @@ def test_sam_student_network_loads_each_folds_adapted_tensors(sam_checkpoint):
     load_state_dict (called by the predictor per fold) swaps in a fold's adapted tensors, strictly."""
     from nnunet_foundation.foundation.config import build_generalist
     from nnunet_foundation.foundation.lora import adaptable_state_dict
-    from nnunet_foundation.sam_student import SAMStudentNetwork
+    from nnunet_foundation.methods.synfoc.sam_student import SAMStudentNetwork
 
     config = {"backend": "sam", "model_type": "tiny", "checkpoint": str(sam_checkpoint), "lora_rank": 2,
               "train_decoder": True, "multiclass_head": True, "num_classes": 3, "spacing": [3.0, 1.0, 1.0]}

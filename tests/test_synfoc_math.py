@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from nnunet_foundation.methods.synfoc import (ALPHA_STRATEGIES, alpha_for, cdcr_loss, copy_paste, fused_pseudo_label,
-                                              mean_foreground_dice, random_boxes, smc_alpha, targets_for)
+from nnunet_foundation.methods.synfoc.math import (ALPHA_STRATEGIES, alpha_for, cdcr_loss, copy_paste,
+                                                   fused_pseudo_label, mean_foreground_dice, smc_alpha, targets_for)
+from nnunet_foundation.training.views import random_boxes
 
 
 def one_hot(hard: torch.Tensor, k: int = 3, confidence: float = 1.0) -> torch.Tensor:

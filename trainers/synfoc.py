@@ -1,2 +1,2 @@
-# Re-exports only: nnUNetTrainerSynFoC and its budget variants (see nnunet_foundation/methods/synfoc.py).
-from nnunet_foundation.methods.synfoc import *  # noqa: F401,F403
+# Re-exports only: nnUNetTrainerSynFoC and its budget variants (see nnunet_foundation/methods/synfoc/trainer.py).
+from nnunet_foundation.methods.synfoc.trainer import *  # noqa: F401,F403

@@ -9,7 +9,7 @@ def run(args) -> int:
     import torch
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nnunet_foundation.sam_student import predict_sam_student
+    from nnunet_foundation.methods.synfoc.sam_student import predict_sam_student
 
     folds = [f if f == "all" else int(f) for f in args.f]
     try:

@@ -38,7 +38,7 @@ def run(args) -> int:
     from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
                                                      describe_generalist, generalists_for_configuration)
     from nnunet_foundation.specialist import checkpoint_digest, load_specialist
-    from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, _plans_fingerprint
+    from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, plans_fingerprint
 
     if not 0.0 <= args.min_confidence <= 1.0:
         print("error: --min-confidence is a probability in [0, 1]", file=sys.stderr)
@@ -57,7 +57,7 @@ def run(args) -> int:
         folder = pl.cache_folder(base, configuration["data_identifier"], name)
         manifest = {
             "dataset": dataset, "configuration": args.c, "plans": args.p,
-            "plans_fingerprint": _plans_fingerprint(plans, args.c),
+            "plans_fingerprint": plans_fingerprint(plans, args.c),
             "specialist": {"trainer": args.tr, "fold": args.f, "checkpoint": args.chk,
                            "sha256": checkpoint_digest(dataset, args.tr, args.p, args.c, [args.f], args.chk)},
             "generalist": pl.generalist_identity(configs)[0], "min_confidence": args.min_confidence,

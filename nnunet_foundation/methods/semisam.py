@@ -31,11 +31,11 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_foundation.methods.ua_mt import nnUNetTrainerUAMT
 from nnunet_foundation.training.budgets import make_budget_variants
+from nnunet_foundation.training.losses import over_scales, soft_cross_entropy, softmax_mse
 
 PROMPT_MODES = ("mask", "point", "unc")
 PROMPT_SOURCES = ("teacher", "student")
@@ -181,23 +181,8 @@ class SAMGuidance:
 
     def sam_consistency(self, student_out_u, pseudo: torch.Tensor, voxel_weight: Optional[torch.Tensor]):
         scales = self.deep_supervision_weights() if self.ssl_settings["sam_all_scales"] else (1.0,)
-        total = 0.0
-        for w, logits in zip(scales, student_out_u):
-            if w == 0:
-                continue
-            target = pseudo if logits.shape[2:] == pseudo.shape[2:] else \
-                F.interpolate(pseudo, size=logits.shape[2:], mode="area")
-            weight = None
-            if voxel_weight is not None:
-                weight = voxel_weight if logits.shape[2:] == voxel_weight.shape[2:] else \
-                    F.interpolate(voxel_weight, size=logits.shape[2:], mode="area")
-            if self.ssl_settings["sam_loss"] == "ce":
-                per_voxel = -(target * torch.log_softmax(logits.float(), 1)).sum(1, keepdim=True)
-            else:
-                per_voxel = ((torch.softmax(logits.float(), 1) - target) ** 2).mean(1, keepdim=True)
-            term = per_voxel.mean() if weight is None else (weight * per_voxel).sum() / weight.sum().clamp_min(1e-6)
-            total = total + w * term
-        return total
+        loss = soft_cross_entropy if self.ssl_settings["sam_loss"] == "ce" else softmax_mse
+        return over_scales(loss, scales, student_out_u, pseudo, voxel_weight)
 
     def unsupervised_loss(self, student_out_u, unlabeled):
         self._teacher_probs = None

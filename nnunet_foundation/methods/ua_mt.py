@@ -20,18 +20,8 @@ import torch
 
 from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_foundation.training.budgets import make_budget_variants
+from nnunet_foundation.training.losses import entropy, over_scales, softmax_mse
 from nnunet_foundation.training.semi_supervised import rampup
-
-
-def masked_softmax_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor):
-    """sum(mask * (p_s - p_t)^2) / (C * sum(mask)): the mean squared error over the certain voxels only."""
-    squared = (torch.softmax(student_logits.float(), 1) - teacher_probs) ** 2
-    return (mask * squared).sum() / (squared.shape[1] * mask.sum() + 1e-16)
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Per-voxel entropy (B, 1, ...) of class probabilities (B, C, ...), natural log."""
-    return -(probs * torch.log(probs + 1e-6)).sum(1, keepdim=True)
 
 
 class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacher):
@@ -79,10 +69,9 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacher):
     def unsupervised_loss(self, student_out_u, unlabeled):
         target, mean = self.teacher_passes(unlabeled["data"])
         threshold = self.uncertainty_threshold()
+        # the mean over the certain voxels only
         masks = [(entropy(m) < threshold).float() for m in mean]
-        weights = self.deep_supervision_weights()
-        consistency = sum(w * masked_softmax_mse(s, t, m)
-                          for w, s, t, m in zip(weights, student_out_u, target, masks) if w != 0)
+        consistency = over_scales(softmax_mse, self.deep_supervision_weights(), student_out_u, target, masks)
         weight = self.unsup_weight()
         return weight * consistency, {
             "unsup_loss": consistency.detach(), "unsup_weight": weight,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Dict
 
 import torch
 from torch import nn
@@ -49,6 +50,57 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 def ema_decay_with_warmup(step: int, decay: float) -> float:
     """Mean Teacher's warm-up (Tarvainen & Valpola; SSL4MIS): the teacher follows the student closely early on."""
     return min(1.0 - 1.0 / (step + 1), decay)
+
+
+class EMATeacher:
+    """An exponential moving average of a student network, updated after every optimiser step.
+
+    ``module`` is the teacher: a frozen copy of the unwrapped student. With ``trainable_only`` only the parameters
+    that require gradients are averaged and checkpointed (a LoRA-tuned SAM: its frozen backbone is the same in student
+    and teacher and never changes); otherwise every parameter is averaged and buffers (BN statistics) are copied.
+    The decay follows Mean Teacher's warm-up, ``min(1 - 1/(step + 1), decay)``.
+    """
+
+    def __init__(self, student: nn.Module, decay: float, trainable_only: bool = False):
+        self.student = student
+        self.decay = decay
+        self.trainable_only = trainable_only
+        self.module = make_teacher(student)
+        self.module.eval()
+        self._averaged = [n for n, p in unwrap_network(student).named_parameters() if p.requires_grad] \
+            if trainable_only else None
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """The EMA step after optimiser step ``step`` (0-based, counted over the whole run)."""
+        decay = ema_decay_with_warmup(step, self.decay)
+        if self._averaged is None:
+            ema_update(self.module, self.student, decay)
+            return
+        student, teacher = dict(unwrap_network(self.student).named_parameters()), dict(self.module.named_parameters())
+        for name in self._averaged:
+            teacher[name].mul_(decay).add_(student[name].detach(), alpha=1 - decay)
+
+    def copy_student(self) -> None:
+        """teacher <- student, e.g. after nnU-Net loaded ``-pretrained_weights`` into the student."""
+        student = unwrap_network(self.student).state_dict()
+        self.load_state_dict(student if self._averaged is None else {n: student[n] for n in self._averaged})
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The teacher's state for the checkpoint: all of it, or the averaged parameters only."""
+        if self._averaged is None:
+            return self.module.state_dict()
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach().clone() for n in self._averaged}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if self._averaged is None:
+            self.module.load_state_dict(state)
+            return
+        params = dict(self.module.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def _revert_sync_batchnorm(module: nn.Module) -> nn.Module:

@@ -3,11 +3,18 @@
 A method subclasses :class:`nnUNetTrainerSemiSupervised` and overrides a few hooks:
 
 * ``default_settings`` — its hyper-parameters (readable from the environment / a config file, see settings.py);
-* ``build_ssl_modules()`` — extra networks/optimisers (teacher, second network, ...);
+* ``num_strong_views`` — how many strong views of each unlabeled crop it needs (training/views.py);
+* ``build_ssl_modules()`` — its extra models, registered with the base (below);
 * ``compute_losses(labeled, unlabeled)`` — returns the total loss and the scalars to log;
-* ``after_optimizer_step()`` — e.g. the EMA update;
-* ``ssl_state_dict()`` / ``load_ssl_state_dict()`` — extra state for exact ``--c`` resumption;
+* ``after_optimizer_step()`` — anything beyond the EMA updates, which the base does;
+* ``ssl_state_dict()`` / ``load_ssl_state_dict()`` — state beyond the registered models, for exact ``--c``;
 * ``inference_network()`` — the model written to ``network_weights`` for ``nnUNetv2_predict``.
+
+Models are registered in ``build_ssl_modules`` and the base then trains, averages and checkpoints them:
+``add_ema_teacher`` (an EMA teacher of any module, updated after each step), ``build_extra_network`` (another nnU-Net
+network with nnU-Net's own optimiser set-up, e.g. CPS's second network) and ``add_trained_module`` (any other module
+with its optimiser, e.g. SynFoC's SAM). ``forward_labeled_and_unlabeled`` and ``supervised_loss`` are the student
+pass and nnU-Net's loss that most methods start from; training/losses.py holds the unsupervised terms.
 
 The base class owns the unlabeled data stream, the ramp-up schedule as a function of training progress t/T,
 the optimiser step(s) with nnU-Net's AMP/clipping, checkpointing, logging and settings bookkeeping.
@@ -17,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,17 +33,19 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from torch import autocast, nn
 from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_foundation.training.checkpoint_files import read_checkpoint_for_resume, save_checkpoint_atomically
 from nnunet_foundation.training.logging import SSLLocalLogger
-from nnunet_foundation.training.networks import load_state_dict_flexible, unwrap_network
+from nnunet_foundation.training.networks import EMATeacher, load_state_dict_flexible, unwrap_network
 from nnunet_foundation.training.settings import (SettingsError, comparable_settings, record_or_check_settings,
                                                  resolve_settings)
 from nnunet_foundation.training.unlabeled_stream import (UnlabeledDataLoader, describe_transforms, split_batch_size,
                                                          split_training_transforms)
+from nnunet_foundation.training.views import strong_views
 from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, collect_unlabeled_cases
 
 
@@ -70,8 +79,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     }
     #: scalars each method logs per epoch (mean over iterations); they appear in progress.png's fourth panel
     ssl_log_keys: Tuple[str, ...] = ("unsup_loss", "unsup_weight")
-    #: True: the unlabeled batch carries a weak view ('data') and a strong view ('data_strong') of each crop
-    needs_strong_view: bool = False
+    #: N > 0: the unlabeled stream gives the weak view ('data': geometric transforms only) and the base adds
+    #: 'strong': N strong photometric views of it (training/views.py); 0: 'data' has all of nnU-Net's transforms
+    num_strong_views: int = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -87,41 +97,106 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.ssl_iteration = 0  # optimiser steps taken so far, across epochs and resumptions
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size = None
-        self.num_unlabeled_cases = None
+        # models registered by build_ssl_modules, by checkpoint key (see add_ema_teacher / build_extra_network)
+        self.ema_teachers: Dict[str, EMATeacher] = {}
+        self.extra_networks: Dict[str, nn.Module] = {}
+        self._trained_modules: List[Tuple[torch.optim.Optimizer, nn.Module]] = []
         self._ssl_state_restored = False
         self._grad_clip_norm = 12  # nnU-Net's value
 
     # ------------------------------------------------------------------------------------------------ hooks
     def build_ssl_modules(self) -> None:
-        """Create extra networks/optimisers. Called at the end of ``initialize()``."""
+        """Create and register extra models. Called at the end of ``initialize()``."""
 
     def sync_ssl_modules_with_network(self) -> None:
         """Called at train start when no checkpoint was restored, after ``-pretrained_weights`` were loaded into the
-        network (nnU-Net loads them after ``initialize()``), e.g. to copy the student into the teacher."""
+        network (nnU-Net loads them after ``initialize()``): every EMA teacher starts as a copy of its student."""
+        for ema in self.ema_teachers.values():
+            ema.copy_student()
 
     def compute_losses(self, labeled: dict, unlabeled: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Return (total loss, scalars to log). ``labeled``: {'data', 'target'} on the device; ``unlabeled``:
-        {'data', optional 'data_strong'} on the device. Runs under autocast on CUDA."""
+        {'data', and with ``num_strong_views`` 'strong': a list of strong views} on the device. Runs under autocast
+        on CUDA."""
         raise NotImplementedError(f"{type(self).__name__} is the semi-supervised base class; train one of its "
                                   f"methods instead, e.g. nnUNetTrainerMeanTeacher or nnUNetTrainerCPS.")
 
     def after_optimizer_step(self) -> None:
-        """E.g. the EMA teacher update. ``self.ssl_iteration`` is the index of the step just taken."""
+        """Runs after the EMA teachers were updated. ``self.ssl_iteration`` is the index of the step just taken."""
 
     def ssl_state_dict(self) -> dict:
-        return {}
+        """The registered EMA teachers and extra networks under their checkpoint keys; methods add their own."""
+        return {**{key: ema.state_dict() for key, ema in self.ema_teachers.items()},
+                **{key: unwrap_network(net).state_dict() for key, net in self.extra_networks.items()}}
 
     def load_ssl_state_dict(self, state: dict) -> None:
-        pass
+        for key, ema in self.ema_teachers.items():
+            ema.load_state_dict(state[key])
+        for key, net in self.extra_networks.items():
+            unwrap_network(net).load_state_dict(state[key])
 
     def inference_network(self) -> nn.Module:
         """The network whose weights go into ``network_weights`` (what ``nnUNetv2_predict`` loads) and that
         nnU-Net's validation uses. Default: the trained network itself."""
         return self.network
 
+    # ------------------------------------------------------------------------------------- model registry
+    def add_ema_teacher(self, checkpoint_key: str, student: nn.Module, decay: float,
+                        trainable_only: bool = False) -> nn.Module:
+        """Register an EMA teacher of ``student`` and return the teacher module. The base updates it after every
+        optimiser step (with Mean Teacher's warm-up), starts it from the student (after ``-pretrained_weights``)
+        and keeps it in the checkpoint under ``checkpoint_key``. ``trainable_only``: see :class:`EMATeacher`."""
+        ema = EMATeacher(student, decay, trainable_only)
+        self.ema_teachers[checkpoint_key] = ema
+        return ema.module
+
+    def build_extra_network(self, checkpoint_key: str) -> Tuple[nn.Module, torch.optim.Optimizer]:
+        """(network, optimiser): another network of nnU-Net's planned architecture, set up as nnU-Net sets up
+        ``self.network``: built by ``build_network_architecture``, compiled when nnU-Net compiles, its optimiser from
+        ``configure_optimizers`` (so a trainer variant that changes the optimiser changes it for this network too),
+        SyncBatchNorm + DDP under DDP. It is stepped with the main network, follows its learning rate, switches
+        deep supervision with it, and is checkpointed under ``checkpoint_key``; its weights are initialised afresh
+        (differently from ``self.network``)."""
+        network = self.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
+        if self._do_i_compile():
+            network = torch.compile(network)
+        main_network, self.network = self.network, network  # configure_optimizers reads self.network
+        try:
+            optimizer, _ = self.configure_optimizers()  # the scheduler is not needed: on_train_epoch_start copies lr
+        finally:
+            self.network = main_network
+        if self.is_ddp:
+            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            network = DDP(network, device_ids=[self.local_rank])
+        self.extra_networks[checkpoint_key] = network
+        self.add_trained_module(network, optimizer)
+        return network, optimizer
+
+    def add_trained_module(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Train ``module`` with ``optimizer`` beside the main network: same loss backward, AMP, clipping and step,
+        ``.train()`` at every epoch start, learning rate = nnU-Net's current lr x each group's ``lr_scale``
+        (default 1), optimiser state in the checkpoint."""
+        self._trained_modules.append((optimizer, module))
+
     def extra_optimizers(self) -> List[Tuple[torch.optim.Optimizer, nn.Module]]:
-        """(optimiser, network) pairs stepped together with nnU-Net's own optimiser (e.g. CPS's second network)."""
-        return []
+        """The registered (optimiser, module) pairs stepped together with nnU-Net's own optimiser."""
+        return list(self._trained_modules)
+
+    # --------------------------------------------------------------------------------- student helpers
+    def forward_labeled_and_unlabeled(self, x_labeled: torch.Tensor, x_unlabeled: torch.Tensor,
+                                      network: Optional[nn.Module] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """One pass of ``network`` (default: the student) over labeled and unlabeled patches together - nnU-Net's
+        InstanceNorm is per sample, so this equals two passes and is cheaper - split back into (labeled outputs,
+        unlabeled outputs), each a list over deep-supervision scales."""
+        outputs = self.as_list((network or self.network)(torch.cat((x_labeled, x_unlabeled))))
+        n = x_labeled.shape[0]
+        return [o[:n] for o in outputs], [o[n:] for o in outputs]
+
+    def supervised_loss(self, outputs_labeled: List[torch.Tensor], target) -> torch.Tensor:
+        """nnU-Net's own loss (with its deep-supervision weights) on the labeled outputs of one network."""
+        return self.loss(outputs_labeled if self.enable_deep_supervision else outputs_labeled[0], target)
 
     # ----------------------------------------------------------------------------------------- schedule
     @property
@@ -190,7 +265,6 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         # unlabeled data first: a missing unlabeled set should fail before any worker starts
         tr_keys, val_keys = self.do_split()
         dataset_u = self.get_unlabeled_dataset(list(tr_keys) + list(val_keys))
-        self.num_unlabeled_cases = len(dataset_u)
         dl_train, dl_val = super().get_dataloaders()
 
         patch_size = self.configuration_manager.patch_size
@@ -201,14 +275,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
-        image_only, weak, photometric = split_training_transforms(full)
-        transforms, strong = (weak, photometric) if self.needs_strong_view else (image_only, None)
+        image_only, weak = split_training_transforms(full)
+        transforms = weak if self.num_strong_views else image_only
         self.print_to_log_file(
             f"Unlabeled stream: {len(dataset_u)} case(s), batch size {self.unlabeled_batch_size} per process, "
             f"uniform random crops, transforms {describe_transforms(transforms)}"
-            + (f", strong view adds {describe_transforms(strong)}" if strong is not None else ""))
+            + (f", {self.num_strong_views} strong view(s) made on the device" if self.num_strong_views else ""))
         dl_u = UnlabeledDataLoader(dataset_u, self.unlabeled_batch_size, initial_patch_size, patch_size,
-                                   self.label_manager, transforms=transforms, strong_transforms=strong)
+                                   self.label_manager, transforms=transforms)
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             self.dataloader_unlabeled = SingleThreadedAugmenter(dl_u, None)
@@ -242,9 +316,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             finish()
 
     def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        for opt, _ in self.extra_optimizers():
-            # same poly schedule as nnU-Net's optimiser
+        super().on_train_epoch_start()  # self.network.train()
+        for opt, module in self.extra_optimizers():
+            module.train()
+            # same schedule as nnU-Net's optimiser
             for group in opt.param_groups:
                 group["lr"] = self.optimizer.param_groups[0]["lr"] * group.get("lr_scale", 1.0)
 
@@ -257,7 +332,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         unlabeled_batch = next(self.dataloader_unlabeled)
         labeled = {"data": self._to_device(batch["data"]), "target": self._to_device(batch["target"])}
-        unlabeled = {k: self._to_device(v) for k, v in unlabeled_batch.items() if k.startswith("data")}
+        unlabeled = {"data": self._to_device(unlabeled_batch["data"])}
+        if self.num_strong_views:
+            with torch.no_grad():
+                unlabeled["strong"] = strong_views(unlabeled["data"], self.num_strong_views)
 
         pairs = [(self.optimizer, self.network)] + self.extra_optimizers()
         for opt, _ in pairs:
@@ -279,6 +357,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             for opt, net in pairs:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), self._grad_clip_norm)
                 opt.step()
+        for ema in self.ema_teachers.values():
+            ema.update(self.ssl_iteration)
         self.after_optimizer_step()
         self.ssl_iteration += 1
         out = {"loss": loss.detach().cpu().numpy()}
@@ -314,8 +394,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.network = student
 
     def set_deep_supervision_enabled(self, enabled: bool):
-        # works for DDP/compiled students and for unwrapped teachers alike
-        unwrap_network(self.network).decoder.deep_supervision = enabled
+        # works for DDP/compiled students and for unwrapped teachers alike; extra nnU-Net networks follow
+        for network in (self.network, *self.extra_networks.values()):
+            unwrap_network(network).decoder.deep_supervision = enabled
 
     def validation_step(self, batch: dict) -> dict:
         with self._inference_network_in_place():

@@ -1,12 +1,12 @@
 """The unlabeled data stream: random crops of unlabeled cases through nnU-Net's own augmentation pipeline.
 
 nnU-Net's training transforms are reused (so a subclass that changes augmentation changes both streams), with the
-transforms that need a label map removed. Methods that want two views get a *weak* view (the geometric transforms:
-spatial + mirroring) and a *strong* view (the weak view plus nnU-Net's photometric transforms) of the same crop.
+transforms that need a label map removed. Methods that want strong views get the *weak* view here (the geometric
+transforms only: spatial + mirroring); their strong views are made from it on the device (training/views.py).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
@@ -37,32 +37,29 @@ def _inner(t):
     return t.transform if isinstance(t, RandomTransform) else t
 
 
-def split_training_transforms(transforms: ComposeTransforms) -> Tuple[ComposeTransforms, ComposeTransforms,
-                                                                       ComposeTransforms]:
-    """nnU-Net's training pipeline -> (all image transforms, weak = geometric only, strong-only = photometric)."""
+def split_training_transforms(transforms: ComposeTransforms) -> Tuple[ComposeTransforms, ComposeTransforms]:
+    """nnU-Net's training pipeline -> (all image transforms, weak = the geometric ones only)."""
     image_only = [t for t in transforms.transforms if not isinstance(_inner(t), _LABEL_TRANSFORMS)]
     weak = [t for t in image_only if isinstance(_inner(t), _GEOMETRIC_TRANSFORMS)]
-    photometric = [t for t in image_only if not isinstance(_inner(t), _GEOMETRIC_TRANSFORMS)]
-    return ComposeTransforms(image_only), ComposeTransforms(weak), ComposeTransforms(photometric)
+    return ComposeTransforms(image_only), ComposeTransforms(weak)
 
 
 class UnlabeledDataLoader(nnUNetDataLoader):
-    """Batches of unlabeled patches: ``{'data': (B, C, *patch), 'data_strong': optional, 'keys': [...]}``.
+    """Batches of unlabeled patches: ``{'data': (B, C, *patch), 'keys': [...]}``.
 
     Crops are uniform at random over the (padded) image: unlabeled cases have no class locations, and for benchmark
     cases whose labels exist on disk the stored locations must not steer sampling.
     """
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
-                 transforms: ComposeTransforms, strong_transforms: Optional[ComposeTransforms] = None):
+                 transforms: ComposeTransforms):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=transforms)
         self.has_ignore = False  # with an ignore label nnU-Net would crop around annotated voxels: not here
-        self.strong_transforms = strong_transforms
 
     def generate_train_batch(self):
         keys = self.get_indices()
-        data_all = strong_all = None
+        data_all = None
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
                 data, _, _, _ = self._data.load_case(key)
@@ -76,15 +73,7 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *patch.shape), dtype=torch.float32)
                 data_all[j] = patch
-                if self.strong_transforms is not None:
-                    strong = self.strong_transforms(image=patch.clone())["image"]
-                    if strong_all is None:
-                        strong_all = torch.empty_like(data_all)
-                    strong_all[j] = strong
-        batch = {"data": data_all, "keys": keys}
-        if strong_all is not None:
-            batch["data_strong"] = strong_all
-        return batch
+        return {"data": data_all, "keys": keys}
 
 
 def split_batch_size(global_batch_size: int, world_size: int, rank: int) -> int:

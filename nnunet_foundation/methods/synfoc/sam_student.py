@@ -16,6 +16,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+# ssl_state keys of a SynFoC checkpoint, written by trainer.py and read here: the adapted tensors of the SAM student
+# and of its EMA teacher, and the configuration of the base SAM they adapt
+SAM_STUDENT_KEY = "sam_student"
+SAM_TEACHER_KEY = "sam_teacher"
+SAM_CONFIG_KEY = "sam_config"
+
 
 class SAMStudentNetwork(nn.Module):
     """A SAM generalist with a multi-class head as an nnU-Net inference network:
@@ -64,16 +70,16 @@ def load_sam_students(model_folder: Union[str, Path], folds: Sequence[Union[int,
     model_folder = Path(model_folder)
     parameters: List[dict] = []
     sam_config = info = None
-    key = "sam_teacher" if use_teacher else "sam_student"
+    key = SAM_TEACHER_KEY if use_teacher else SAM_STUDENT_KEY
     for fold in folds:
         path = _fold_checkpoint(model_folder, fold, checkpoint_name)
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         ssl_state = checkpoint.get("ssl_state") or {}
-        if "sam_config" not in ssl_state or key not in ssl_state:
+        if SAM_CONFIG_KEY not in ssl_state or key not in ssl_state:
             raise ValueError(f"{path} holds no fine-tuned SAM (trainer {checkpoint.get('trainer_name')!r}); only "
                              f"SynFoC checkpoints (-tr nnUNetTrainerSynFoC...) have one. For the nnU-Net network "
                              f"use nnUNetv2_predict.")
-        config = dict(ssl_state["sam_config"])
+        config = dict(ssl_state[SAM_CONFIG_KEY])
         if sam_checkpoint is not None:
             config["checkpoint"] = str(sam_checkpoint)
         if sam_config is None:
