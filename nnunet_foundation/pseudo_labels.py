@@ -145,3 +145,39 @@ def fold_unlabeled_cases(preprocessed_dataset_folder_base: str, plans: dict, con
     return collect_unlabeled_cases(preprocessed_dataset_folder_base,
                                    os.path.join(preprocessed_dataset_folder_base, data_identifier), data_identifier,
                                    plans, configuration, (split or {}).get("unlabeled"), labeled)
+
+
+def open_cache(setting: str, preprocessed_dataset_folder_base: str, plans: dict, configuration: str,
+               cases: Sequence[str]) -> Callable[[str], np.ndarray]:
+    """The reader a trainer uses: ``case -> label (D, H, W) uint8`` from the cache named by ``setting`` (a cache
+    name under the configuration's ``_pseudo_labels`` folder, or a folder path). Refused, naming the fix, when the
+    cache was made with other plans or lacks some of ``cases``."""
+    from nnunet_foundation.unlabeled import plans_fingerprint
+
+    data_identifier = plans["configurations"][configuration]["data_identifier"]
+    folder = setting if os.path.isdir(setting) else cache_folder(preprocessed_dataset_folder_base, data_identifier,
+                                                                 setting)
+    manifest_file = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        raise PseudoLabelError(f"no pseudo-label cache at {folder} (no {MANIFEST}): make it with nnunet-foundation "
+                               f"pseudo-label -d <dataset> -c {configuration} -tr <trainer> -f <fold>, then set "
+                               f"pseudo_labels to its name ({os.path.basename(folder)}) or folder")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    if manifest.get("configuration") != configuration or \
+            manifest.get("plans_fingerprint") != plans_fingerprint(plans, configuration):
+        raise PseudoLabelError(f"{manifest_file} was made for configuration {manifest.get('configuration')} with "
+                               f"other plans than this training's ({configuration}): its maps do not align with "
+                               f"these preprocessed images. Make a cache for this configuration.")
+    missing = [c for c in cases if not os.path.isfile(os.path.join(folder, f"{c}.npz"))]
+    if missing:
+        raise PseudoLabelError(f"{folder} has no pseudo-label for {len(missing)} of the {len(cases)} unlabeled "
+                               f"case(s) of this fold (e.g. {missing[:3]}): run nnunet-foundation pseudo-label for "
+                               f"this fold again (finished cases are skipped)")
+
+    def read(case: str) -> np.ndarray:
+        with np.load(os.path.join(folder, f"{case}.npz")) as npz:  # members load lazily: only 'label' is read
+            return npz["label"]
+
+    read.folder = folder
+    return read

@@ -17,7 +17,7 @@ from nnunet_foundation.foundation.generalist import combine_outputs, GeneralistO
 from nnunet_foundation.foundation.geometry import (StitchLayout, compute_resize_geometry, resize_from_model,  # noqa
                                                    resize_to_model, stitch, unstitch, choose_slice_axis)
 from nnunet_foundation.foundation.prompts import PromptSettings, generate_prompts  # noqa: E402
-from nnunet_foundation.foundation.sam_backend import decode_masks  # noqa: E402
+from nnunet_foundation.foundation.sam_decoding import decode_masks  # noqa: E402
 from nnunet_foundation.foundation.tiny import save_tiny_sam2_checkpoint, save_tiny_sam_checkpoint  # noqa: E402
 
 B, K, D, H, W = 2, 3, 6, 20, 24

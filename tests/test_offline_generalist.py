@@ -4,10 +4,12 @@ the real-weight conventions are checked in test_litemedsam.py."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli
 
@@ -90,3 +92,55 @@ def test_pseudo_labels_are_written_resumed_split_and_guarded(trained, tmp_path):
     other = json.dumps({"backend": "sam", "model_type": "tiny", "checkpoint": str(checkpoint), "box_jitter": 2})
     refused = run_cli([*base[:-1], other], env, check=False)
     assert refused.returncode == 2 and "manifest.json was made from other inputs (generalist differ)" in refused.stderr
+
+
+def test_semisam_learns_from_the_offline_cache_and_its_labels_follow_the_augmented_crop(trained, tmp_path,
+                                                                                          monkeypatch):
+    """A cache whose label is a known function of the image (a threshold), so that alignment can be checked after
+    nnU-Net's spatial augmentation; then SemiSAM trains from it through nnUNetv2_train without any generalist."""
+    from nnunet_foundation import pseudo_labels as pl
+    from nnunet_foundation.unlabeled import UnlabeledImageDataset, plans_fingerprint
+
+    env, _ = trained
+    base = Path(env["nnUNet_preprocessed"]) / "Dataset900_Synthetic"
+    plans = json.loads((base / "nnUNetPlans.json").read_text())
+    cases = pl.fold_unlabeled_cases(str(base), plans, "2d", 0)
+    folder = pl.cache_folder(str(base), "nnUNetPlans_2d", "threshold")
+    pl.check_or_write_manifest(folder, {"configuration": "2d", "plans_fingerprint": plans_fingerprint(plans, "2d")})
+    images = UnlabeledImageDataset(cases)
+    threshold = 1.0
+    for case in cases:
+        data = np.asarray(images.load_case(case)[0][:])
+        label = (data[0] > threshold).astype(np.uint8)
+        label[:, :, :2] = pl.IGNORE  # a stripe the cache says nothing about
+        pl.save_case(folder, case, {"label": label})
+
+    for k, v in env.items():
+        if k.startswith("nnUNet_") or k == "OMP_NUM_THREADS":
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_ssl_pseudo_labels", "threshold")
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    t = get_trainer_from_args(str(SYNTHETIC_ID), "2d", 0, "nnUNetTrainerSemiSAM_smoke", device=torch.device("cpu"))
+    t.on_train_start()
+    assert t.generalist is None  # nothing to run: the labels are on disk
+    batch = next(t.dataloader_unlabeled)
+    label, data = batch["pseudo_label"][:, 0], batch["data"][:, 0]
+    assert label.shape == data.shape
+    known = label != pl.IGNORE
+    agreement = ((data > threshold) == (label == 1))[known].float().mean()
+    assert known.float().mean() > 0.5 and agreement > 0.95, float(agreement)  # crops and transforms match
+
+    env_cache = {**env, "nnUNet_ssl_pseudo_labels": "threshold"}
+    proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", "nnUNetTrainerSemiSAM_smoke", "-device", "cpu"],
+                   env_cache)
+    assert "pseudo-labels from the offline cache" in proc.stdout and "generalist(s), frozen" not in proc.stdout
+    checkpoint = torch.load(Path(env["nnUNet_results"]) / "Dataset900_Synthetic" /
+                            "nnUNetTrainerSemiSAM_smoke__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth",
+                            map_location="cpu", weights_only=False)
+    assert all(v > 0 for v in checkpoint["logging"]["sam_loss"])
+    # a cache that lacks a case of the fold is refused before training, naming the command that completes it
+    os.remove(os.path.join(folder, f"{sorted(cases)[0]}.npz"))
+    refused = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 1, "-tr", "nnUNetTrainerSemiSAM_smoke", "-device",
+                       "cpu"], env_cache, check=False)
+    assert refused.returncode != 0 and "run nnunet-foundation pseudo-label" in refused.stdout + refused.stderr

@@ -51,7 +51,8 @@ def run(args) -> int:
         dataset, base, _, configuration = load_configuration(args.d, args.p, args.c)
         folder = os.path.join(base, configuration["data_identifier"])
         dataset_json = load_json(os.path.join(base, "dataset.json"))
-        configs = generalists_for_configuration(args.generalists, "generalist-quality", configuration)
+        configs = generalists_for_configuration(args.generalists, "generalist-quality", configuration,
+                                                cache_embeddings=True)
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
         cases = args.cases or sorted(infer_dataset_class(folder).get_identifiers(folder))

@@ -32,6 +32,8 @@ LITEMEDSAM_INSTALL = 'pip install -e ".[litemedsam]"  (installs medsam-lite-tool
 #: object from 0.99 to 0.78, three points to 0.67, points alone to 0 (tests/test_litemedsam.py)
 LITEMEDSAM_PROMPTS = {"num_points": 0, "use_box": True, "use_mask_prompt": False}
 GENERALISTS_SETTING = "generalists"
+#: what a list of generalist configurations becomes (combined by mean; see generalist.GeneralistEnsemble)
+ENSEMBLE_BUILDER = "nnunet_foundation.foundation.generalist:GeneralistEnsemble"
 CONFIGURE_HINT = (
     "Generalists are configured with the setting 'generalists' (environment variable nnUNet_ssl_generalists or the "
     "config file), e.g.\n"
@@ -84,8 +86,9 @@ class GeneralistConfig:
         encoder_batch_size: images per image-encoder call.
         precision: ``"auto"`` (bfloat16 autocast on CUDA and on CPUs with native bfloat16, else float32),
             ``"float32"`` or ``"bfloat16"`` (SAM, MedSAM, LiteMedSAM backends).
-        cache_embeddings / cache_size_mb: LRU cache of image embeddings for un-augmented inputs (SAM/MedSAM
+        cache_embeddings / cache_size_mb: LRU cache of image embeddings for un-augmented inputs (SAM/MedSAM/LiteMedSAM
             backends, used when ``forward`` receives ``cache_keys``; not with stitching or a training encoder).
+            generalist-quality turns it on, so its two prompt modes encode each slice once.
     Prompts (see :mod:`nnunet_foundation.foundation.prompts`)
         num_points, num_negative_points, use_box, box_mode (``"union"``/``"largest"``), box_jitter (pixels),
         use_mask_prompt, fg_threshold, bg_threshold, point_selection (``"max_distance"``/``"uncertainty"``),
@@ -295,12 +298,13 @@ def resolve_generalists(value, owner: str, implied: Optional[Mapping[str, Any]] 
     return configs
 
 
-def generalists_for_configuration(value, owner: str, configuration: Mapping[str, Any]) -> List[Dict[str, Any]]:
+def generalists_for_configuration(value, owner: str, configuration: Mapping[str, Any],
+                                  **implied: Any) -> List[Dict[str, Any]]:
     """:func:`resolve_generalists` for whole preprocessed cases of an nnU-Net configuration (a plans entry): 3D
     plans slice along their lowest-resolution axis, the 2d configuration along axis 0 as nnU-Net's 2d does; the
-    maps are a distribution over classes (``background: renormalize``)."""
+    maps are a distribution over classes (``background: renormalize``); ``implied`` adds the caller's defaults."""
     is_3d = len(configuration["patch_size"]) == 3
-    implied = {"background": "renormalize"} if is_3d else {"background": "renormalize", "axis": 0}
+    implied = {"background": "renormalize", **({} if is_3d else {"axis": 0}), **implied}
     return resolve_generalists(value, owner, implied, configuration["spacing"] if is_3d else None)
 
 
@@ -429,11 +433,11 @@ def build_generalist(config: Union[GeneralistConfig, Mapping[str, Any], Sequence
     """
     parsed = parse_generalist_setting(config) if isinstance(config, (str, os.PathLike)) else config
     if isinstance(parsed, (list, tuple)):
-        from nnunet_foundation.foundation.generalist import GeneralistEnsemble
-
         if not parsed:
             raise GeneralistConfigError("an empty list of generalists was given")
-        return GeneralistEnsemble([build_generalist(c) for c in parsed])
+        # resolved by name like the backends: the generalist module builds on this one, not the other way round
+        ensemble = _resolve_builder(BackendSpec(ENSEMBLE_BUILDER))
+        return ensemble([build_generalist(c) for c in parsed])
     cfg = GeneralistConfig.from_dict(parsed)
     spec = _BACKENDS[cfg.backend]
     require_modules(spec.requires, cfg.backend)

@@ -319,6 +319,34 @@ def combine_outputs(outputs: Sequence[GeneralistOutput], combination: str = "mea
                             covered=covered)
 
 
+def segment_with_clicks(members: Sequence[SliceGeneralist], images: torch.Tensor, specialist_probs: torch.Tensor,
+                        clicks: int, combination: str = "mean") -> GeneralistOutput:
+    """Interactive-style prompting from the specialist alone: the first prompts from its softmax (the first member's
+    prompt settings), then ``clicks - 1`` rounds that each add a click where the generalists' combined answer and
+    the specialist disagree most (labelled by the specialist there), all members answering the same prompts."""
+    from nnunet_foundation.foundation.prompts import add_disagreement_clicks
+
+    first = members[0]
+    is_2d = specialist_probs.ndim == 4
+    axis = 0 if is_2d else first.slice_axis()
+
+    def sliced(t):
+        return t.unsqueeze(2) if is_2d else patch_to_slices(t, axis)
+
+    def answer(prompts):
+        return combine_outputs([m(images, specialist_probs, prompts) for m in members], combination)
+
+    prompts = generate_prompts(sliced(specialist_probs), first.config.prompt_settings(), first._generator)
+    out = answer(prompts)
+    seconds = out.seconds
+    for _ in range(1, clicks):
+        prompts = add_disagreement_clicks(prompts, sliced(out.probabilities), sliced(specialist_probs))
+        out = answer(prompts)
+        seconds += out.seconds
+    out.seconds = seconds
+    return out
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of voxels where two probability maps ``(B, K, ...)`` have the same argmax (for logging)."""
     return float((a.argmax(1) == b.argmax(1)).float().mean())

@@ -48,6 +48,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from nnunet_foundation.foundation.sam_decoding import decode_masks
+
 __all__ = ["LoRAQKV", "apply_lora", "MultiClassMaskHead", "make_adaptable", "adaptable_state_dict",
            "load_adaptable_state_dict", "trainable_parameter_groups"]
 
@@ -225,8 +227,6 @@ class MultiClassMaskHead(nn.Module):
         "no prompt" embeddings: sparse ``(P, 0, C)``, dense ``no_mask_embed`` broadcast to ``(P, C, h, w)``.
         With ``return_iou`` also the ``(P, num_classes)`` predicted quality of each class map.
         """
-        from nnunet_foundation.foundation.sam_backend import decode_masks
-
         p = image_embeddings.shape[0]
         sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)
         sparse = sparse.expand(p, -1, -1)

@@ -31,6 +31,7 @@ import math
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_foundation.methods.ua_mt import nnUNetTrainerUAMT
@@ -64,6 +65,9 @@ class SAMGuidance:
         "sam_decay": 5.0,
         "sam_loss": "mse",
         "sam_all_scales": False,
+        # name (or folder) of an offline pseudo-label cache (nnunet-foundation pseudo-label): the generalist's
+        # labels are read with the unlabeled crops instead of running the generalist every iteration
+        "pseudo_labels": "",
     }
     sam_log_keys = ("sam_loss", "sam_weight", "generalist_seconds", "generalist_agreement", "generalist_coverage")
 
@@ -89,6 +93,8 @@ class SAMGuidance:
                                    f"{s[name]!r}.")
         if s["sam_clicks"] < 1:
             raise SemiSAMError(f"{type(self).__name__}: sam_clicks must be >= 1")
+        if s["pseudo_labels"]:
+            return []  # the cache's manifest records the generalist that made it
         mode = s["prompt_mode"]
         spacing = self.configuration_manager.spacing if len(self.configuration_manager.patch_size) == 3 else None
         try:
@@ -116,8 +122,21 @@ class SAMGuidance:
         implied["background"] = "renormalize"
         return implied
 
+    def offline_pseudo_labels(self, unlabeled_cases):
+        if not self.ssl_settings["pseudo_labels"]:
+            return None
+        from nnunet_foundation.pseudo_labels import open_cache
+
+        reader = open_cache(self.ssl_settings["pseudo_labels"], self.preprocessed_dataset_folder_base,
+                            self.plans_manager.plans, self.configuration_name, unlabeled_cases)
+        self.print_to_log_file(f"SemiSAM pseudo-labels from the offline cache {reader.folder} (no generalist is run "
+                               f"during training)")
+        return reader
+
     def build_ssl_modules(self):
         super().build_ssl_modules()
+        if self.ssl_settings["pseudo_labels"]:
+            return
         from nnunet_foundation.foundation.config import build_generalist, describe_generalist
         from nnunet_foundation.foundation.generalist import GeneralistEnsemble
 
@@ -151,33 +170,13 @@ class SAMGuidance:
 
     def generalist_pseudo_label(self, x: torch.Tensor, probs: torch.Tensor):
         """Generalist output for the unlabeled patch, prompted by ``probs`` as ``prompt_mode`` says."""
-        from nnunet_foundation.foundation.generalist import combine_outputs
-        from nnunet_foundation.foundation.geometry import patch_to_slices
-        from nnunet_foundation.foundation.prompts import add_disagreement_clicks, generate_prompts
+        from nnunet_foundation.foundation.generalist import segment_with_clicks
 
         self.generalist.eval()
         if self.ssl_settings["prompt_mode"] == "mask":
             return self.generalist(x, probs)
-        first = self.generalist_members()[0]
-        is_2d = probs.ndim == 4
-        axis = 0 if is_2d else first.slice_axis()
-
-        def sliced(t):
-            return t.unsqueeze(2) if is_2d else patch_to_slices(t, axis)
-
-        def prompted(prompts):
-            outputs = [m(x, probs, prompts) for m in self.generalist_members()]
-            return combine_outputs(outputs, self.ssl_settings["generalist_combination"])
-
-        prompts = generate_prompts(sliced(probs), first.config.prompt_settings(), first._generator)
-        out = prompted(prompts)
-        seconds = out.seconds
-        for _ in range(1, self.ssl_settings["sam_clicks"]):
-            prompts = add_disagreement_clicks(prompts, sliced(out.probabilities), sliced(probs))
-            out = prompted(prompts)
-            seconds += out.seconds
-        out.seconds = seconds
-        return out
+        return segment_with_clicks(self.generalist_members(), x, probs, self.ssl_settings["sam_clicks"],
+                                   self.ssl_settings["generalist_combination"])
 
     def sam_consistency(self, student_out_u, pseudo: torch.Tensor, voxel_weight: Optional[torch.Tensor]):
         scales = self.deep_supervision_weights() if self.ssl_settings["sam_all_scales"] else (1.0,)
@@ -198,6 +197,8 @@ class SAMGuidance:
                 torch.softmax(self.teacher_predict(unlabeled["data"])[0].float(), 1)
         else:
             probs = torch.softmax(student_out_u[0].detach().float(), 1)
+        if "pseudo_label" in unlabeled:
+            return self.cached_pseudo_label_term(student_out_u, unlabeled["pseudo_label"], probs, weight, loss, logs)
         x = unlabeled["data"]
         out = self.generalist_pseudo_label(x.float(), probs)
         pseudo = out.probabilities.detach().to(probs.dtype)
@@ -213,6 +214,23 @@ class SAMGuidance:
         logs.update({"sam_loss": term.detach(), "generalist_seconds": out.seconds,
                      "generalist_agreement": agreement,
                      "generalist_coverage": 1.0 if out.covered is None else float(out.covered.float().mean())})
+        return loss + weight * term, logs
+
+
+    def cached_pseudo_label_term(self, student_out_u, label: torch.Tensor, probs: torch.Tensor, weight: float,
+                                 loss, logs):
+        """The SAM term towards an offline pseudo-label ``(B, 1, *patch)``: one-hot where it says something, no
+        weight where it holds the ignore value (not prompted, not confident, or outside the image)."""
+        from nnunet_foundation.training.unlabeled_stream import PSEUDO_IGNORE
+
+        label = label[:, 0].long()
+        known = (label >= 0) & (label != PSEUDO_IGNORE)
+        target = F.one_hot(torch.where(known, label, 0), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+        term = self.sam_consistency(student_out_u, target, known.unsqueeze(1).to(probs.dtype))
+        with torch.no_grad():
+            agreement = ((target.argmax(1) == probs.argmax(1)) & known).float().sum() / known.sum().clamp_min(1)
+        logs.update({"sam_loss": term.detach(), "generalist_seconds": 0.0, "generalist_agreement": agreement,
+                     "generalist_coverage": float(known.float().mean())})
         return loss + weight * term, logs
 
 

@@ -180,6 +180,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         (default 1), optimiser state in the checkpoint."""
         self._trained_modules.append((optimizer, module))
 
+    def offline_pseudo_labels(self, unlabeled_cases: List[str]):
+        """``case -> pseudo-label map`` read with the unlabeled crops (``batch['pseudo_label']``), or None. A method
+        that learns from an offline pseudo-label cache (``nnunet-foundation pseudo-label``) returns its reader."""
+        return None
+
     def extra_optimizers(self) -> List[Tuple[torch.optim.Optimizer, nn.Module]]:
         """The registered (optimiser, module) pairs stepped together with nnU-Net's own optimiser."""
         return list(self._trained_modules)
@@ -282,7 +287,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             f"uniform random crops, transforms {describe_transforms(transforms)}"
             + (f", {self.num_strong_views} strong view(s) made on the device" if self.num_strong_views else ""))
         dl_u = UnlabeledDataLoader(dataset_u, self.unlabeled_batch_size, initial_patch_size, patch_size,
-                                   self.label_manager, transforms=transforms)
+                                   self.label_manager, transforms=transforms,
+                                   pseudo_labels=self.offline_pseudo_labels(dataset_u.identifiers))
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             self.dataloader_unlabeled = SingleThreadedAugmenter(dl_u, None)
@@ -333,6 +339,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         unlabeled_batch = next(self.dataloader_unlabeled)
         labeled = {"data": self._to_device(batch["data"]), "target": self._to_device(batch["target"])}
         unlabeled = {"data": self._to_device(unlabeled_batch["data"])}
+        if "pseudo_label" in unlabeled_batch:
+            unlabeled["pseudo_label"] = self._to_device(unlabeled_batch["pseudo_label"])
         if self.num_strong_views:
             with torch.no_grad():
                 unlabeled["strong"] = strong_views(unlabeled["data"], self.num_strong_views)

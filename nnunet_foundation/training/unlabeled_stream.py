@@ -6,8 +6,9 @@ transforms only: spatial + mirroring); their strong views are made from it on th
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
@@ -31,6 +32,8 @@ _LABEL_TRANSFORMS = (RemoveLabelTansform, DownsampleSegForDSTransform, MaskImage
                      ConvertSegmentationToRegionsTransform, MoveSegAsOneHotToDataTransform,
                      ApplyRandomBinaryOperatorTransform, RemoveRandomConnectedComponentFromOneHotEncodingTransform)
 _GEOMETRIC_TRANSFORMS = (SpatialTransform, MirrorTransform, Convert3DTo2DTransform, Convert2DTo3DTransform)
+#: pseudo-label value "no information" (nnunet_foundation.pseudo_labels.IGNORE), also what the crop pads with
+PSEUDO_IGNORE = 255
 
 
 def _inner(t):
@@ -52,28 +55,46 @@ class UnlabeledDataLoader(nnUNetDataLoader):
     """
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
-                 transforms: ComposeTransforms):
+                 transforms: ComposeTransforms, pseudo_labels: Optional[Callable[[str], np.ndarray]] = None):
+        """``pseudo_labels``: case -> its offline pseudo-label map ``(D, H, W)`` (uint8, :data:`PSEUDO_IGNORE` where
+        it says nothing), cropped and transformed with the image: ``batch['pseudo_label']`` ``(B, 1, *patch)``."""
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=transforms)
         self.has_ignore = False  # with an ignore label nnU-Net would crop around annotated voxels: not here
+        self.pseudo_labels = pseudo_labels
 
     def generate_train_batch(self):
         keys = self.get_indices()
-        data_all = None
+        data_all = seg_all = None
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
                 data, _, _, _ = self._data.load_case(key)
                 bbox_lbs, bbox_ubs = self.get_bbox(data.shape[1:], force_fg=False, class_locations=None)
                 bbox = [[lo, hi] for lo, hi in zip(bbox_lbs, bbox_ubs)]
                 patch = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+                seg = None
+                if self.pseudo_labels is not None:
+                    # the pseudo-label takes exactly the image's crop and spatial transforms (as nnU-Net's labels)
+                    label = self.pseudo_labels(key)[None]
+                    seg = torch.from_numpy(crop_and_pad_nd(label, bbox, PSEUDO_IGNORE).astype(np.int16))
                 if self.patch_size_was_2d:
                     patch = patch[:, 0]
+                    seg = None if seg is None else seg[:, 0]
                 if self.transforms is not None:
-                    patch = self.transforms(image=patch)["image"]
+                    out = self.transforms(**({"image": patch} if seg is None else {"image": patch,
+                                                                                   "segmentation": seg}))
+                    patch, seg = out["image"], out.get("segmentation")
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *patch.shape), dtype=torch.float32)
+                    if seg is not None:
+                        seg_all = torch.empty((self.batch_size, *seg.shape), dtype=torch.int16)
                 data_all[j] = patch
-        return {"data": data_all, "keys": keys}
+                if seg is not None:
+                    seg_all[j] = seg
+        batch = {"data": data_all, "keys": keys}
+        if self.pseudo_labels is not None:
+            batch["pseudo_label"] = seg_all
+        return batch
 
 
 def split_batch_size(global_batch_size: int, world_size: int, rank: int) -> int:
