@@ -103,6 +103,18 @@ def assemble_output(foreground: torch.Tensor, confidence: torch.Tensor, prompted
                             seconds=time.perf_counter() - t0, num_encoded=num_encoded, covered=covered)
 
 
+def check_inputs(images: torch.Tensor, specialist_probs: torch.Tensor, image_channel: int) -> None:
+    """The shapes every generalist's ``forward`` accepts; errors say which."""
+    if images.ndim not in (4, 5) or specialist_probs.ndim != images.ndim:
+        raise ValueError(f"expected images (B, C, [D,] H, W) and specialist probabilities of the same rank, got "
+                         f"{tuple(images.shape)} and {tuple(specialist_probs.shape)}")
+    if images.shape[0] != specialist_probs.shape[0] or images.shape[2:] != specialist_probs.shape[2:]:
+        raise ValueError(f"images {tuple(images.shape)} and specialist probabilities "
+                         f"{tuple(specialist_probs.shape)} differ in batch or spatial size")
+    if not 0 <= image_channel < images.shape[1]:
+        raise ValueError(f"image_channel {image_channel} is not one of the {images.shape[1]} input channels")
+
+
 class Generalist(nn.Module):
     """Base class: freezing, device placement and the ``forward`` contract. See the module docstring."""
 
@@ -201,15 +213,7 @@ class SliceGeneralist(Generalist):
         with ``cache_embeddings`` the backend reuses encoder outputs of slices it has seen under the same key."""
         if cache_keys is not None and len(cache_keys) != images.shape[0]:
             raise ValueError(f"{len(cache_keys)} cache keys for a batch of {images.shape[0]}")
-        if images.ndim not in (4, 5) or specialist_probs.ndim != images.ndim:
-            raise ValueError(f"expected images (B, C, [D,] H, W) and specialist probabilities of the same rank, got "
-                             f"{tuple(images.shape)} and {tuple(specialist_probs.shape)}")
-        if images.shape[0] != specialist_probs.shape[0] or images.shape[2:] != specialist_probs.shape[2:]:
-            raise ValueError(f"images {tuple(images.shape)} and specialist probabilities "
-                             f"{tuple(specialist_probs.shape)} differ in batch or spatial size")
-        if not 0 <= self.config.image_channel < images.shape[1]:
-            raise ValueError(f"image_channel {self.config.image_channel} is not one of the {images.shape[1]} input "
-                             f"channels")
+        check_inputs(images, specialist_probs, self.config.image_channel)
         is_2d = images.ndim == 4
         axis = 0 if is_2d else self.slice_axis()
         device = self.device

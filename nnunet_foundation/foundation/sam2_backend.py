@@ -36,7 +36,7 @@ import torch
 from nnunet_foundation.foundation.checkpoints import load_into, read_state_dict
 from nnunet_foundation.foundation.config import GeneralistConfig, GeneralistConfigError
 from nnunet_foundation.foundation.generalist import (Generalist, GeneralistOutput, SliceGeneralist, _synchronize,
-                                                     assemble_output)
+                                                     assemble_output, check_inputs)
 from nnunet_foundation.foundation.geometry import (ResizeGeometry, choose_slice_axis, compute_resize_geometry,
                                                    patch_to_slices, resize_from_model, resize_to_model,
                                                    to_sam2_intensities, upsample_low_res)
@@ -105,17 +105,6 @@ def build_sam2_generalist(config: GeneralistConfig) -> Generalist:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _check_inputs(images: torch.Tensor, specialist_probs: torch.Tensor, image_channel: int) -> None:
-    if images.ndim not in (4, 5) or specialist_probs.ndim != images.ndim:
-        raise ValueError(f"expected images (B, C, [D,] H, W) and specialist probabilities of the same rank, got "
-                         f"{tuple(images.shape)} and {tuple(specialist_probs.shape)}")
-    if images.shape[0] != specialist_probs.shape[0] or images.shape[2:] != specialist_probs.shape[2:]:
-        raise ValueError(f"images {tuple(images.shape)} and specialist probabilities "
-                         f"{tuple(specialist_probs.shape)} differ in batch or spatial size")
-    if not 0 <= image_channel < images.shape[1]:
-        raise ValueError(f"image_channel {image_channel} is not one of the {images.shape[1]} input channels")
-
-
 def _autocast(device: torch.device):
     """bfloat16 autocast on CUDA (how SAM2 is meant to run there); full precision elsewhere."""
     if device.type == "cuda":
@@ -421,7 +410,7 @@ class SAM2VideoGeneralist(Generalist):
                 prompts: Optional[PromptSet] = None, cache_keys: Optional[Sequence[str]] = None
                 ) -> GeneralistOutput:
         # cache_keys: accepted for the common interface; a video state encodes each item's frames once anyway
-        _check_inputs(images, specialist_probs, self.config.image_channel)
+        check_inputs(images, specialist_probs, self.config.image_channel)
         is_2d = images.ndim == 4
         axis = 0 if is_2d else self.slice_axis()
         device = self.device
