@@ -39,8 +39,8 @@ def test_oracle_and_specialist_prompts_through_the_cli(trained, tmp_path):
                     generalists, "-tr", "nnUNetTrainer_smoke", "-f", "0", "--num-cases", 2,
                     "--exclude-fold-training", 0, "-o", out], env)
     rows = json.loads((out / "generalist_quality.json").read_text())
-    # two generalists x (oracle, specialist) and the specialist alone once per generalist
-    assert [r["mode"] for r in rows] == ["oracle", "specialist", "specialist alone"] * 2
+    # two generalists x (oracle, specialist) and the prompting model alone once
+    assert [r["mode"] for r in rows] == ["oracle", "specialist", "specialist alone", "oracle", "specialist"]
     assert rows[1]["name"].startswith("sam tiny") and rows[4]["name"].endswith("stitch=True)")
     splits = json.loads((Path(env["nnUNet_preprocessed"]) / "Dataset900_Synthetic" / "splits_final.json").read_text())
     evaluated = set(rows[0]["dice_per_case"])
@@ -128,8 +128,12 @@ def test_semisam_learns_from_the_offline_cache_and_its_labels_follow_the_augment
     label, data = batch["pseudo_label"][:, 0], batch["data"][:, 0]
     assert label.shape == data.shape
     known = label != pl.IGNORE
-    agreement = ((data > threshold) == (label == 1))[known].float().mean()
-    assert known.float().mean() > 0.5 and agreement > 0.95, float(agreement)  # crops and transforms match
+    agreement = float(((data > threshold) == (label == 1))[known].float().mean())
+    # crops and transforms match: far better than any constant guess (the image is interpolated with splines, the
+    # label with nearest neighbours, so borders differ a little)
+    object_fraction = float((label == 1)[known].float().mean())
+    assert known.float().mean() > 0.5 and agreement > 0.9, agreement
+    assert agreement > max(object_fraction, 1 - object_fraction) + 0.05, (agreement, object_fraction)
 
     env_cache = {**env, "nnUNet_ssl_pseudo_labels": "threshold"}
     proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", "nnUNetTrainerSemiSAM_smoke", "-device", "cpu"],

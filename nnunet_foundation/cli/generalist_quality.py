@@ -76,7 +76,9 @@ def run(args) -> int:
         rows = evaluate_generalist(generalist, load_preprocessed_cases(folder, cases), classes, specialist, modes)
         for r in rows:
             r.name = "nnU-Net" if r.mode == "specialist alone" else name
-        results += rows
+        # the prompting model alone is the same row for every generalist: report it once
+        results += [r for r in rows if not (r.mode == "specialist alone" and
+                                            any(o.mode == "specialist alone" for o in results))]
     specialist_note = f"prompting model: {args.tr} fold(s) {' '.join(args.f)} ({args.chk}); " if args.tr else ""
     notes = [f"Dataset {dataset}, configuration {args.c}, {len(cases)} labeled case(s): {' '.join(cases)}.",
              f"{specialist_note}device {args.device}. Command: nnunet-foundation generalist-quality "

@@ -160,8 +160,10 @@ def _plot(results: List[QualityResult], class_names: List[str], path: str, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.name}\n{r.mode}" if r.name else r.mode for r in results]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(results) * len(class_names)), 4.0))
+    import textwrap
+
+    labels = ["\n".join(textwrap.wrap(r.name, 24) + [f"[{r.mode}]"]) for r in results]
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 * len(results)), 5.0))
     width = 0.8 / len(class_names)
     x = np.arange(len(results))
     for i, c in enumerate(class_names):
