@@ -76,7 +76,7 @@ def measure(name, config, args):
         seconds.append(time.perf_counter() - t0)
         encoded = out.num_encoded
     per_call = sorted(seconds)[len(seconds) // 2]  # median: robust to a stray slow call
-    row = {"backend": name, "model_type": config["model_type"], "ms_per_call": 1000 * per_call,
+    row = {"backend": name, "model_type": generalist.config.model_type, "ms_per_call": 1000 * per_call,
            "ms_per_patch": 1000 * per_call / args.batch, "encoder_images_per_call": encoded}
     if args.mt_iteration_s:
         row["share_of_iteration"] = per_call / (args.mt_iteration_s + per_call)
@@ -127,7 +127,8 @@ def main(argv=None) -> int:
         print(f"    {rows[-1]['ms_per_call']:.1f} ms per call", flush=True)
     print(f"\nGeneralist cost: patch {'x'.join(map(str, args.patch_size))}, batch {args.batch}, {args.classes} "
           f"classes, objects over {args.prompted_fraction:.0%} of each axis, {'tiny' if args.tiny else 'released-size'}"
-          f" random weights, device {args.device} ({device_name}; torch {torch.__version__})")
+          f" random weights (LiteMedSAM: its real weights), device {args.device} ({device_name}; torch "
+          f"{torch.__version__})")
     header = "| backend | model | ms/call | ms/patch | encoder images/call |"
     rule = "|---|---|---|---|---|"
     if args.mt_iteration_s:
