@@ -95,10 +95,13 @@ def test_slices_without_prompts_are_not_taught_as_background(semisam):
     t = semisam()
     labeled, unlabeled = batches(t)
 
-    def teacher_sees_only_background(x):
-        logits = torch.zeros((x.shape[0], t.label_manager.num_segmentation_heads, *x.shape[2:]))
-        logits[:, 0] = 10.0
-        return [logits]
+    from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
+
+    def teacher_sees_only_background(x):  # every deep-supervision scale says "background"
+        outputs = [torch.zeros_like(o) for o in nnUNetTrainerMeanTeacher.teacher_predict(t, x)]
+        for o in outputs:
+            o[:, 0] = 10.0
+        return outputs
 
     t.teacher_predict = teacher_sees_only_background
     grads, logs = student_grads(t, labeled, unlabeled, 5.0)

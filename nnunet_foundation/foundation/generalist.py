@@ -20,6 +20,7 @@ backend was configured with trainable parts (LoRA, decoder, multi-class head).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -101,6 +102,14 @@ def assemble_output(foreground: torch.Tensor, confidence: torch.Tensor, prompted
     return GeneralistOutput(probabilities=probabilities, prompted=prompted,
                             confidence=confidence if has_scores else None,
                             seconds=time.perf_counter() - t0, num_encoded=num_encoded, covered=covered)
+
+
+def _index_amax(maps: torch.Tensor, flat_index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``maps`` ``(B, K, S, h, w)`` with ``values`` ``(P, h, w)`` merged in by their maximum at the flat (b, k, s)
+    positions ``flat_index`` (several prompts of one class and slice: one per component)."""
+    with warnings.catch_warnings():  # index_reduce is marked beta; its amax semantics are what we need
+        warnings.simplefilter("ignore", UserWarning)
+        return maps.reshape(-1, *maps.shape[-2:]).index_reduce(0, flat_index, values, "amax").view_as(maps)
 
 
 def check_inputs(images: torch.Tensor, specialist_probs: torch.Tensor, image_channel: int) -> None:
@@ -265,12 +274,12 @@ class SliceGeneralist(Generalist):
             probs = probs * keep.view(-1, 1, 1)
             # several prompts of one (item, class, slice) - one per component - are merged by their maximum
             flat = (bi * k_count + ki) * s_count + si
-            foreground = foreground.view(-1, h, w).index_reduce(0, flat, probs, "amax").view_as(foreground)
+            foreground = _index_amax(foreground, flat, probs)
             prompted[bi[keep], ki[keep]] = True
             if scores is not None:
                 has_scores = True
                 score_maps = (scores.float() * keep).view(-1, 1, 1).expand(-1, h, w)
-                confidence = confidence.view(-1, h, w).index_reduce(0, flat, score_maps, "amax").view_as(confidence)
+                confidence = _index_amax(confidence, flat, score_maps)
         return assemble_output(foreground, confidence, prompted, has_scores, self.config.background, is_2d, axis,
                                device, t0, num_encoded, covered_slices)
 
