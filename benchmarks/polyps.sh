@@ -26,10 +26,11 @@
 # Mean Teacher, CPS; fully supervised) are 4 scarce folds x 3 + 2 = 14 trainings, each followed by the prediction of
 # the ~344 test images: about 1.5-2 hours on an otherwise idle 2-core machine, by the estimate in
 # docs/benchmarks/polyps_cpu_budget.md (cost per iteration measured on this data, times the runs). That leaves
-# about an hour of the 3-hour budget for the rows of issue 14 that this package does not have yet (SemiSAM with a
-# LiteMedSAM checkpoint configured through nnUNet_ssl_config, self-training, the generalist alone): add them with
-# TRAINERS="..." once available; the estimate says what each costs. The report's "Training time" table shows the
-# real seconds per epoch after the first runs.
+# about an hour of the 3-hour budget for the rows of issue 14 that the benchmark command does not run yet: SemiSAM
+# from an offline LiteMedSAM cache (nnunet-foundation pseudo-label of each fold's labeled-only model, then
+# nnUNet_ssl_pseudo_labels; online LiteMedSAM costs about 0.9 s per image on two cores), self-training and the
+# generalist alone. Add trainers with TRAINERS="..."; the estimate says what each costs. The report's "Training time"
+# table shows the real seconds per epoch after the first runs.
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
 # (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS), MAX_SIZE the image size, NNUNET_NP the worker processes.
