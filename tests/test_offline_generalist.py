@@ -124,17 +124,20 @@ def test_semisam_learns_from_the_offline_cache_and_its_labels_follow_the_augment
     t = get_trainer_from_args(str(SYNTHETIC_ID), "2d", 0, "nnUNetTrainerSemiSAM_smoke", device=torch.device("cpu"))
     t.on_train_start()
     assert t.generalist is None  # nothing to run: the labels are on disk
-    batch = next(t.dataloader_unlabeled)
-    label, data = batch["pseudo_label"][:, 0], batch["data"][:, 0]
-    assert label.shape == data.shape
-    known = label != pl.IGNORE
-    agreement = float(((data > threshold) == (label == 1))[known].float().mean())
-    # crops and transforms match: far better than any constant guess (the image is interpolated with splines, the
-    # label with nearest neighbours, so borders differ a little)
-    object_fraction = float((label == 1)[known].float().mean())
-    assert known.float().mean() > 0.5 and agreement > 0.9, agreement
-    assert agreement > max(object_fraction, 1 - object_fraction) + 0.05, (agreement, object_fraction)
-
+    overlap = total = known_fraction = 0.0
+    for _ in range(3):  # random crops: pool a few batches so that the object is in them
+        batch = next(t.dataloader_unlabeled)
+        label, data = batch["pseudo_label"][:, 0], batch["data"][:, 0]
+        assert label.shape == data.shape
+        known = label != pl.IGNORE
+        from_image, from_cache = (data > threshold) & known, (label == 1) & known
+        overlap += 2 * float((from_image & from_cache).sum())
+        total += float(from_image.sum() + from_cache.sum())
+        known_fraction += float(known.float().mean()) / 3
+    # crops and transforms match: the cached label covers the thresholded augmented image (Dice, so the background's
+    # size does not flatter it; the image is interpolated with splines, the label with nearest neighbours)
+    assert known_fraction > 0.5 and total > 0
+    assert overlap / total > 0.7, overlap / total
     env_cache = {**env, "nnUNet_ssl_pseudo_labels": "threshold"}
     proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", "nnUNetTrainerSemiSAM_smoke", "-device", "cpu"],
                    env_cache)
