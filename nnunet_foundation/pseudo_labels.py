@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from nnunet_foundation.foundation.checkpoints import file_sha256
+from nnunet_foundation.atomic_files import write_atomically, write_json_atomically
 
 MANIFEST = "manifest.json"
 #: label value of voxels the pseudo-label says nothing about
@@ -38,21 +38,6 @@ class PseudoLabelError(RuntimeError):
 
 def cache_folder(preprocessed_dataset_folder_base: str, data_identifier: str, name: str) -> str:
     return os.path.join(preprocessed_dataset_folder_base, f"{data_identifier}_pseudo_labels", name)
-
-
-def generalist_identity(configs: Sequence[dict]) -> List[dict]:
-    """The generalist configurations with each checkpoint named by content (a copied or moved file is the same)."""
-    out = []
-    for c in configs:
-        c = dict(c)
-        path = c.pop("checkpoint", None)
-        if path is None and c["backend"] == "litemedsam":
-            from nnunet_foundation.foundation.litemedsam_backend import bundled_checkpoint
-
-            path = bundled_checkpoint()
-        c["checkpoint_sha256"] = file_sha256(os.path.expanduser(path)) if path else None
-        out.append(c)
-    return out
 
 
 def check_or_write_manifest(folder: str, manifest: dict) -> None:
@@ -68,10 +53,7 @@ def check_or_write_manifest(folder: str, manifest: dict) -> None:
                 f"sources: write to another cache with --name, or delete {folder} to rebuild it.")
         return
     os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomically(manifest, path, sort_keys=True)
 
 
 def cases_of_part(cases: Sequence[str], part_id: int, num_parts: int) -> List[str]:
@@ -95,10 +77,11 @@ def pseudo_label_case(data: np.ndarray, specialist: Callable, generalist, min_co
 
 
 def save_case(folder: str, case: str, arrays: Dict[str, np.ndarray]) -> None:
-    tmp = os.path.join(folder, f".{case}.npz.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, os.path.join(folder, f"{case}.npz"))  # a case is finished exactly when its file exists
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a temporary name
+            np.savez_compressed(f, **arrays)
+
+    write_atomically(os.path.join(folder, f"{case}.npz"), write)  # a case is finished exactly when its file exists
 
 
 def load_case(folder: str, case: str) -> Dict[str, np.ndarray]:

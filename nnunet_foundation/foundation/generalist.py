@@ -243,8 +243,6 @@ class SliceGeneralist(Generalist):
         prompt_list = [p for p in prompts if p.class_index > 0]
         num_encoded, has_scores = 0, False
         covered_slices = torch.zeros((b_count, s_count), dtype=torch.bool)
-        for p in prompt_list:
-            covered_slices[p.batch_index, p.slice_index] = True
         if prompt_list:
             # encode only slices that carry a prompt: with a confident specialist most slices of a patch are empty
             keys: Dict[Tuple[int, int], int] = {}
@@ -265,12 +263,9 @@ class SliceGeneralist(Generalist):
             si = torch.tensor([p.slice_index for p in prompt_list], device=device)
             keep = torch.ones(len(prompt_list), dtype=torch.bool, device=device)
             if self.config.min_prompt_score > 0:
-                prompt_scores = self.prompt_scores(probs, scores, prob_slices, bi, ki, si)
-                keep = prompt_scores >= self.config.min_prompt_score
-                # a rejected prompt says nothing: its slice is covered only if another prompt there was kept
-                covered_slices.zero_()
-                for p, kept in zip(prompt_list, keep.tolist()):
-                    covered_slices[p.batch_index, p.slice_index] |= kept
+                keep = self.prompt_scores(probs, scores, prob_slices, bi, ki, si) >= self.config.min_prompt_score
+            # a slice is segmented where a kept prompt lies: a rejected prompt says nothing
+            covered_slices[bi[keep].cpu(), si[keep].cpu()] = True
             probs = probs * keep.view(-1, 1, 1)
             # several prompts of one (item, class, slice) - one per component - are merged by their maximum
             flat = (bi * k_count + ki) * s_count + si

@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+
 import torch
 
 from nnunet_foundation.foundation.checkpoints import CheckpointError, file_sha256, load_checkpoint
 from nnunet_foundation.foundation.config import LITEMEDSAM_INSTALL, GeneralistConfig
 from nnunet_foundation.foundation.geometry import to_medsam_intensities
-from nnunet_foundation.foundation.sam_backend import SAMGeneralist
+from nnunet_foundation.foundation.sam_backend import SAMGeneralist, adapt_and_freeze
 
 # what the pinned package ships; a different file under that name is not the model our tests validated
 BUNDLED_CHECKPOINT_SIZE = 39_370_479
@@ -68,12 +69,7 @@ def build_litemedsam_model(config: GeneralistConfig):
 
 
 def build_litemedsam_generalist(config: GeneralistConfig) -> "LiteMedSAMGeneralist":
-    generalist = LiteMedSAMGeneralist(config, build_litemedsam_model(config))
-    if config.trainable:
-        from nnunet_foundation.foundation.lora import make_adaptable
-
-        make_adaptable(generalist)
-    return generalist.freeze()
+    return adapt_and_freeze(LiteMedSAMGeneralist(config, build_litemedsam_model(config)))
 
 
 class LiteMedSAMGeneralist(SAMGeneralist):
@@ -82,7 +78,6 @@ class LiteMedSAMGeneralist(SAMGeneralist):
     def __init__(self, config: GeneralistConfig, model):
         super().__init__(config, model)
         self.keep_aspect = True  # longest side to 256, padding bottom/right, as LiteMedSAM's inference
-        self.checkpoint = checkpoint_path(config)
 
     def to_model_intensities(self, slices: torch.Tensor) -> torch.Tensor:
         return to_medsam_intensities(slices)  # [0, 1], no mean/std (LiteMedSAM normalises like MedSAM)

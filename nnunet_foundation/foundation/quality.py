@@ -41,8 +41,7 @@ class QualityResult:
 
     @property
     def mean_dice(self) -> float:
-        values = [v for v in self.dice_per_class.values() if not np.isnan(v)]
-        return float(np.mean(values)) if values else float("nan")
+        return _nanmean(self.dice_per_class.values())
 
 
 def dice_per_class(prediction: np.ndarray, truth: np.ndarray, classes: Sequence[int]) -> Dict[int, float]:

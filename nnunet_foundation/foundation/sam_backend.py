@@ -77,9 +77,13 @@ def build_sam_model(config: GeneralistConfig):
 
 
 def build_sam_generalist(config: GeneralistConfig) -> "SAMGeneralist":
-    model = build_sam_model(config)
-    generalist = SAMGeneralist(config, model)
-    if config.lora_rank > 0 or config.train_decoder or config.multiclass_head:
+    return adapt_and_freeze(SAMGeneralist(config, build_sam_model(config)))
+
+
+def adapt_and_freeze(generalist: "SAMGeneralist") -> "SAMGeneralist":
+    """The last step of building a SAM-family generalist: the LoRA / decoder / head its config asks for, then
+    everything else frozen."""
+    if generalist.config.trainable:
         from nnunet_foundation.foundation.lora import make_adaptable
 
         make_adaptable(generalist)

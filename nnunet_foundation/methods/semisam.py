@@ -41,6 +41,8 @@ from nnunet_foundation.training.losses import over_scales, soft_cross_entropy, s
 PROMPT_MODES = ("mask", "point", "unc")
 PROMPT_SOURCES = ("teacher", "student")
 SAM_LOSSES = ("mse", "ce")
+
+
 class SemiSAMError(ValueError):
     """SemiSAM settings that cannot work; the message says how to fix them."""
 
@@ -91,8 +93,6 @@ class SAMGuidance:
             if s[name] not in allowed:
                 raise SemiSAMError(f"{type(self).__name__}: setting '{name}' must be one of {allowed}, got "
                                    f"{s[name]!r}.")
-        if s["sam_clicks"] < 1:
-            raise SemiSAMError(f"{type(self).__name__}: sam_clicks must be >= 1")
         if s["pseudo_labels"]:
             return []  # the cache's manifest records the generalist that made it
         mode = s["prompt_mode"]
@@ -106,7 +106,7 @@ class SAMGuidance:
             if mode != "mask" and backend_spec(c["backend"]).box_prompts_only:
                 raise SemiSAMError(f"{type(self).__name__}: prompt_mode '{mode}' prompts with points, and the "
                                    f"{c['backend']} generalist was trained with boxes only (points alone gave it a "
-                                   f"Dice of 0 in tests/test_litemedsam.py). Use prompt_mode 'mask' (boxes), or a "
+                                   f"Dice of 0 on the test object of tests/test_litemedsam.py). Use prompt_mode 'mask' (boxes), or a "
                                    f"sam/sam2 generalist for point prompts.")
         if mode != "mask" and len({c["axis"] for c in configs}) > 1:
             raise SemiSAMError("point/unc prompts are shared by all generalists: give them the same 'axis'")

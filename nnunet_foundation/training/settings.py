@@ -68,13 +68,14 @@ def _check_type(name: str, value: Any, default: Any, source: str) -> Any:
 
 
 #: allowed values of settings, wherever a trainer declares them: checked when the trainer is built, so a bad value
-#: fails before data loading, naming where it came from. ("choice", values) or ("range", low, high, what).
+#: fails before data loading, naming where it came from. ("choice", values), ("range", low, high, what): low <= value
+#: <= high, or ("below", low, high, what): low <= value < high; high None = no upper bound.
 SETTING_RULES: Dict[str, tuple] = {
     "unlabeled_batch_size": ("range", 0, None, "0 = the labeled batch size"),
     "unsup_weight": ("range", 0.0, None, "the weight of the unsupervised term"),
     "rampup_shape": ("choice", ("exp", "linear", "none")),
     "rampup_length": ("range", 0.0, 1.0, "a fraction of training"),
-    "ema_decay": ("range", 0.0, 1.0, "1.0 would freeze the teacher"),
+    "ema_decay": ("below", 0.0, 1.0, "1.0 would freeze the teacher"),
     "confidence_threshold": ("range", 0.0, 1.0, "a probability"),
     "sam_weight": ("range", 0.0, None, "the weight of the generalist term"),
     "sam_decay": ("range", 0.0, None, "the decay of the generalist weight"),
@@ -95,21 +96,19 @@ def check_setting_values(settings: Mapping[str, Any], sources: Mapping[str, str]
         if rule[0] == "choice" and value not in rule[1]:
             raise SettingsError(f"{where}: setting '{name}' of {trainer_name} must be one of {list(rule[1])}, got "
                                 f"{value!r}.")
-        if rule[0] == "range":
+        if rule[0] in ("range", "below"):
             low, high, what = rule[1], rule[2], rule[3]
-            # ema_decay 1.0 and rampup_length 0..1 inclusive are meaningful; the teacher decay must stay below 1
-            too_high = high is not None and (value >= high if name == "ema_decay" else value > high)
+            below = rule[0] == "below"
+            too_high = high is not None and (value >= high if below else value > high)
             if value < low or too_high:
-                bounds = f">= {low}" + (f" and {'<' if name == 'ema_decay' else '<='} {high}" if high is not None
-                                        else "")
+                bounds = f">= {low}" + (f" and {'<' if below else '<='} {high}" if high is not None else "")
                 raise SettingsError(f"{where}: setting '{name}' of {trainer_name} must be {bounds} ({what}), got "
                                     f"{value!r}.")
 
 
-def settings_of_other_trainers(own: Mapping[str, Any]) -> Dict[str, str]:
-    """Setting names that another of this package's trainers declares (name -> one such trainer), for names this
-    trainer does not know. One shell, config file or benchmark call configures several trainers at once, so a
-    setting meant for SemiSAM must not stop Mean Teacher, while a typo must still fail."""
+def package_trainer_classes() -> list:
+    """Every trainer class of this package (budget variants included): the semi-supervised base and its
+    subclasses, after importing every method module so that all of them exist."""
     # imported here: the methods import this module
     import importlib
     import pkgutil
@@ -119,11 +118,20 @@ def settings_of_other_trainers(own: Mapping[str, Any]) -> Dict[str, str]:
 
     for module in pkgutil.walk_packages(methods.__path__, methods.__name__ + "."):
         importlib.import_module(module.name)
-    owners: Dict[str, str] = {}
-    pending = [nnUNetTrainerSemiSupervised]
+    classes, pending = [], [nnUNetTrainerSemiSupervised]
     while pending:
         cls = pending.pop()
+        classes.append(cls)
         pending.extend(cls.__subclasses__())
+    return classes
+
+
+def settings_of_other_trainers(own: Mapping[str, Any]) -> Dict[str, str]:
+    """Setting names that another of this package's trainers declares (name -> one such trainer), for names this
+    trainer does not know. One shell, config file or benchmark call configures several trainers at once, so a
+    setting meant for SemiSAM must not stop Mean Teacher, while a typo must still fail."""
+    owners: Dict[str, str] = {}
+    for cls in package_trainer_classes():
         for name in getattr(cls, "default_settings", {}):
             if name not in own:
                 owners.setdefault(name, cls.__name__)
@@ -202,15 +210,8 @@ def resolve_settings(defaults: Mapping[str, Any], trainer_mro_names: list, envir
 
 def _is_trainer_name(name: str) -> bool:
     """True for this package's trainers (budget variants included) and nnU-Net's own trainer classes."""
-    from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
-
-    settings_of_other_trainers({})  # imports every method module, so their classes are subclasses below
-    pending = [nnUNetTrainerSemiSupervised]
-    while pending:
-        cls = pending.pop()
-        if cls.__name__ == name:
-            return True
-        pending.extend(cls.__subclasses__())
+    if any(cls.__name__ == name for cls in package_trainer_classes()):
+        return True
     import nnunetv2
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
@@ -225,18 +226,12 @@ def comparable_settings(settings: Mapping[str, Any]) -> dict:
     out = dict(settings)
     if out.get("generalists") in (None, "", []):
         return out
-    from nnunet_foundation.foundation.config import GeneralistConfigError, read_generalist_setting
-    from nnunet_foundation.foundation.checkpoints import file_sha256
+    from nnunet_foundation.foundation.config import GeneralistConfigError, generalists_by_content
 
     try:
-        entries = read_generalist_setting(out["generalists"])
+        out["generalists"] = generalists_by_content(out["generalists"])
     except GeneralistConfigError:
-        return out  # unreadable now: compared as written, so the refusal shows both values
-    for entry in entries:
-        path = entry.get("checkpoint")
-        if path and os.path.isfile(os.path.expanduser(path)):
-            entry["checkpoint"] = {"sha256": file_sha256(os.path.expanduser(path))}
-    out["generalists"] = entries
+        pass  # unreadable now: compared as written, so the refusal shows both values
     return out
 
 
