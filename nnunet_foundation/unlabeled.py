@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from nnunet_foundation.atomic_files import write_json_atomically
+from nnunet_foundation.foundation.checkpoints import file_sha256
 from nnunet_foundation.paths import (UNLABELED_METADATA_FILE, UNLABELED_RAW_FOLDER,
                                      unlabeled_preprocessed_folder)
 
@@ -182,20 +183,12 @@ def plans_fingerprint(plans: dict, configuration: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def source_signature(files: List[str]) -> Dict[str, dict]:
     """What a preprocessed case was made from: size, modification time and hash of each channel file."""
     out = {}
     for path in files:
         st = os.stat(path)
-        out[os.path.basename(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+        out[os.path.basename(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
     return out
 
 
@@ -208,7 +201,7 @@ def sources_unchanged(recorded, files: List[str]) -> bool:
         entry, st = recorded[os.path.basename(path)], os.stat(path)
         if not isinstance(entry, dict) or st.st_size != entry.get("size"):
             return False
-        if st.st_mtime_ns != entry.get("mtime_ns") and _sha256(path) != entry.get("sha256"):
+        if st.st_mtime_ns != entry.get("mtime_ns") and file_sha256(path) != entry.get("sha256"):
             return False
     return True
 
