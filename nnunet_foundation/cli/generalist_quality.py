@@ -28,8 +28,17 @@ def register(subparsers) -> None:
                    help="leave out the cases the prompting model trained on in this fold of splits_final.json "
                         "(so 'specialist' is measured on cases it has not seen)")
     p.add_argument("--num-cases", type=int, default=20, help="how many cases when --cases is not given")
-    p.add_argument("--modes", nargs="+", default=None, choices=("oracle", "specialist"),
-                   help="prompting modes (default: oracle, plus specialist when -tr is given)")
+    p.add_argument("--modes", nargs="+", default=None,
+                   choices=("oracle", "specialist", "proposals", "proposals-head"),
+                   help="prompting modes (default: oracle, plus specialist when -tr is given); 'proposals': the "
+                        "generalist segments a grid of boxes and the specialist's agreement picks the objects; "
+                        "'proposals-head': a small head on the generalist's embedding, fitted on the labeled "
+                        "training cases of --head-fold, picks them (foundation/proposals.py)")
+    p.add_argument("--head-fold", type=int, default=None,
+                   help="fold of splits_final.json whose training (labeled) cases fit the proposals-head "
+                        "(default: the first -f)")
+    p.add_argument("--proposal-settings", default=None,
+                   help="JSON object overriding ProposalSettings (scales, overlap, min_score, nms_iou, match_iou)")
     p.add_argument("-o", required=True, help="output folder of the report")
     p.set_defaults(func=run)
 
@@ -44,8 +53,14 @@ def run(args) -> int:
     from nnunet_foundation.specialist import load_specialist
 
     modes = args.modes or (["oracle", "specialist"] if args.tr else ["oracle"])
-    if "specialist" in modes and not args.tr:
-        print("error: mode 'specialist' needs the trained model that prompts: -tr TRAINER [-f FOLD]", file=sys.stderr)
+    if any(m != "oracle" for m in modes) and not args.tr:
+        print(f"error: mode(s) {', '.join(m for m in modes if m != 'oracle')} need the trained model that prompts: "
+              f"-tr TRAINER [-f FOLD]", file=sys.stderr)
+        return 2
+    try:
+        proposal_overrides = json.loads(args.proposal_settings) if args.proposal_settings else {}
+    except json.JSONDecodeError as e:
+        print(f"error: --proposal-settings is not JSON: {e}", file=sys.stderr)
         return 2
     try:
         dataset, base, _, configuration = load_configuration(args.d, args.p, args.c)
@@ -62,7 +77,18 @@ def run(args) -> int:
         cases = cases if args.cases else cases[:args.num_cases]
         device = torch.device(args.device)
         specialist = load_specialist(args.d, args.tr, args.p, args.c, args.f, args.chk, device) \
-            if "specialist" in modes else None
+            if args.tr else None
+        head_fold = args.head_fold if args.head_fold is not None else \
+            (int(args.f[0]) if str(args.f[0]).isdigit() else None)
+        head_cases = []
+        if "proposals-head" in modes:
+            if head_fold is None:
+                raise KeyError("proposals-head needs --head-fold: the fold whose labeled cases fit the head")
+            head_cases = load_json(os.path.join(base, "splits_final.json"))[head_fold]["train"]
+            overlap = sorted(set(head_cases) & set(cases))
+            if overlap:
+                raise KeyError(f"the head's training cases (fold {head_fold}) would be scored: "
+                               f"{', '.join(overlap[:5])}; use --exclude-fold-training {head_fold}")
     except (GeneralistConfigError, MissingBackendError, FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -73,7 +99,10 @@ def run(args) -> int:
         name = describe_generalist(config)
         print(f"== {name}: {len(cases)} case(s), modes {', '.join(modes)}")
         generalist = build_generalist(config).to(device)
-        rows = evaluate_generalist(generalist, load_preprocessed_cases(folder, cases), classes, specialist, modes)
+        segmenters = _proposers(generalist, modes, proposal_overrides, folder, head_cases, specialist,
+                                max(classes) + 1)
+        rows = evaluate_generalist(generalist, load_preprocessed_cases(folder, cases), classes, specialist, modes,
+                                   segmenters=segmenters)
         for r in rows:
             r.name = "nnU-Net" if r.mode == "specialist alone" else name
         # the prompting model alone is the same row for every generalist: report it once
@@ -87,3 +116,13 @@ def run(args) -> int:
     with open(os.path.join(args.o, "generalist_configs.json"), "w") as f:
         json.dump(configs, f, indent=2)
     return 0
+
+
+def _proposers(generalist, modes, overrides: dict, folder: str, head_cases, specialist, num_classes: int) -> dict:
+    """The region proposers of the proposal modes, sharing each slice's candidates."""
+    from nnunet_foundation.foundation.proposals import build_proposer
+
+    shared = {}
+    return {mode: build_proposer(generalist, "head" if mode == "proposals-head" else "agreement", overrides, folder,
+                                 head_cases, specialist, num_classes, shared_cache=shared)
+            for mode in modes if mode in ("proposals", "proposals-head")}

@@ -9,6 +9,10 @@ generalist), each generalist segments every slice of the case, prompted in up to
 ``specialist``
     prompts from a trained nnU-Net model's own softmax on the case (``-tr/-f``): what SemiSAM and the offline
     pseudo-labels actually get. The specialist's own Dice is reported beside it.
+``proposals`` / ``proposals-head``
+    the generalist proposes regions everywhere from a grid of boxes, and the specialist's agreement (or a small
+    head fitted on the prompting model's labeled cases) decides which are objects (foundation/proposals.py): the
+    lever against a specialist that misses objects.
 
 3D cases are sliced along the generalist's axis (the plan's lowest-resolution axis unless configured); a 2d
 configuration is sliced along axis 0, as nnU-Net's 2d configuration does. Results: Dice per class and mode, encoder
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 MODES = ("oracle", "specialist")
+PROPOSAL_MODES = ("proposals", "proposals-head")
 
 
 @dataclass
@@ -73,19 +78,22 @@ def load_preprocessed_cases(preprocessed_folder: str, identifiers: Optional[Sequ
 
 
 def evaluate_generalist(generalist, cases, classes: Dict[int, str], specialist: Optional[Callable] = None,
-                        modes: Sequence[str] = MODES, progress: Callable[[str], None] = print
-                        ) -> List[QualityResult]:
+                        modes: Sequence[str] = MODES, progress: Callable[[str], None] = print,
+                        segmenters: Optional[Dict[str, Callable]] = None) -> List[QualityResult]:
     """Run one generalist over ``cases`` (from :func:`load_preprocessed_cases`) in each mode.
 
     Args:
         generalist: a built :class:`~nnunet_foundation.foundation.generalist.Generalist`.
         classes: foreground label value -> name.
-        specialist: ``data (C, D, H, W) -> probabilities (K, D, H, W)``, needed for mode ``specialist``.
+        specialist: ``data (C, D, H, W) -> probabilities (K, D, H, W)``, needed for every mode but ``oracle``.
+        segmenters: for modes other than ``oracle``/``specialist``: ``(images, specialist_probs, cache_keys) ->
+            GeneralistOutput`` (e.g. a :class:`~.proposals.RegionProposer`), given the specialist's probabilities.
     Returns:
         one result per mode, plus ``specialist alone`` when the specialist mode ran.
     """
     num_classes = max(classes) + 1
     foreground = sorted(classes)
+    segmenters = segmenters or {}
     per_case: Dict[str, Dict[str, Dict[str, float]]] = {m: {} for m in (*modes, "specialist alone")}
     seconds = {m: 0.0 for m in modes}
     encoded = {m: 0 for m in modes}
@@ -93,18 +101,23 @@ def evaluate_generalist(generalist, cases, classes: Dict[int, str], specialist: 
     for index, (identifier, data, seg) in enumerate(cases, 1):
         images = torch.from_numpy(data)[None]
         started = time.perf_counter()
+        specialist_probs = None
         for mode in modes:
             if mode == "oracle":
                 probs = one_hot(seg, num_classes)
             else:
                 if specialist is None:
-                    raise ValueError("mode 'specialist' needs a trained nnU-Net model (-tr, -f)")
-                probs = specialist(data)[None].float()
-                alone = probs[0].argmax(0).numpy()
-                per_case["specialist alone"][identifier] = _named(dice_per_class(alone, seg, foreground), classes)
+                    raise ValueError(f"mode {mode!r} needs a trained nnU-Net model (-tr, -f)")
+                if specialist_probs is None:
+                    specialist_probs = specialist(data)[None].float()
+                    alone = specialist_probs[0].argmax(0).numpy()
+                    per_case["specialist alone"][identifier] = _named(dice_per_class(alone, seg, foreground),
+                                                                      classes)
+                probs = specialist_probs
             # one key per case: the modes prompt the same slices differently, so with cache_embeddings the encoder
             # (the cost) runs once per slice, not once per mode
-            out = generalist(images, probs, cache_keys=[identifier])
+            segment = segmenters[mode] if mode in segmenters else generalist
+            out = segment(images, probs, cache_keys=[identifier])
             prediction = out.probabilities[0].argmax(0).cpu().numpy()
             per_case[mode][identifier] = _named(dice_per_class(prediction, seg, foreground), classes)
             seconds[mode] += out.seconds
