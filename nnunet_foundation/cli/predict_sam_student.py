@@ -1,4 +1,5 @@
-"""``nnunet-foundation predict-sam-student``: segment a folder with the fine-tuned SAM of a SynFoC run."""
+"""``nnunet-foundation predict-sam-student``: segment a folder with the SAM a co-training run (SynFoC, SC-SAM)
+fine-tuned."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ def run(args) -> int:
     import torch
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nnunet_foundation.methods.synfoc.sam_student import predict_sam_student
+    from nnunet_foundation.foundation.cotrained_sam import predict_sam_student
 
     folds = [f if f == "all" else int(f) for f in args.f]
     try:
@@ -35,23 +36,24 @@ def run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict-sam-student",
-        help="segment a folder with the fine-tuned SAM student of a SynFoC run (nnUNetv2_predict runs its nnU-Net)",
-        description="Segment every case in -i with the SAM model that nnUNetTrainerSynFoC fine-tuned beside "
-                    "nnU-Net (LoRA, decoder and multi-class head from the run's checkpoint, base weights from the "
-                    "SAM checkpoint it was trained from), through nnU-Net's own predictor: same preprocessing, "
-                    "sliding window, mirroring and export as nnUNetv2_predict, so the two students' predictions "
-                    "can be evaluated side by side (nnunet-foundation evaluate).",
+        help="segment a folder with the SAM a SynFoC or SC-SAM run fine-tuned (nnUNetv2_predict runs its nnU-Net)",
+        description="Segment every case in -i with the SAM model that nnUNetTrainerSynFoC or nnUNetTrainerSCSAM "
+                    "fine-tuned beside nnU-Net (LoRA, decoder and the method's own parts from the run's checkpoint, "
+                    "base weights from the SAM checkpoint it was trained from; SynFoC's SAM segments with its "
+                    "multi-class head, SC-SAM's is prompted by the run's trained nnU-Net), through nnU-Net's own "
+                    "predictor: same preprocessing, sliding window, mirroring and export as nnUNetv2_predict, so the "
+                    "two models' predictions can be evaluated side by side (nnunet-foundation evaluate).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", required=True, help="input folder (nnU-Net raw naming: CASE_0000.nii.gz, ...)")
     p.add_argument("-o", required=True, help="output folder for the segmentations")
     p.add_argument("-d", help="dataset name or id (with -c, -tr, -p: finds the training output folder)")
     p.add_argument("-c", default="3d_fullres", help="configuration")
-    p.add_argument("-tr", default="nnUNetTrainerSynFoC", help="SynFoC trainer class name (budget variants too)")
+    p.add_argument("-tr", default="nnUNetTrainerSynFoC", help="SynFoC or SC-SAM trainer class name (budget variants too)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
     p.add_argument("-m", "--model-folder", help="the training output folder itself (instead of -d/-c/-tr/-p)")
     p.add_argument("-f", nargs="+", default=["0"], help="folds; several are ensembled like nnUNetv2_predict does")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
-    p.add_argument("--teacher", action="store_true", help="use the SAM EMA teacher instead of the student")
+    p.add_argument("--teacher", action="store_true", help="use the SAM EMA teacher instead of the student (SynFoC)")
     p.add_argument("--sam-checkpoint", help="base SAM/MedSAM weights, if the file recorded at training has moved")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")

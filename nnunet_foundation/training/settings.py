@@ -83,6 +83,12 @@ SETTING_RULES: Dict[str, tuple] = {
     "lora_rank": ("range", 0, None, "0 = LoRA off"),
     "sam_lr": ("range", 0.0, None, "a learning rate"),
     "sam_weight_decay": ("range", 0.0, None, "a weight decay"),
+    "entropy_weight": ("range", 0.0, None, "the weight of the entropy term"),
+    "sam_unsup_weight": ("range", 0.0, None, "the weight of the generalist's unsupervised term"),
+    "sam_rampup_length": ("range", 0.0, 1.0, "a fraction of training"),
+    "prompt_points": ("range", 1, None, "positive (and as many negative) points per class and slice"),
+    "prompt_tokens": ("range", 1, None, "learned prompt tokens per class"),
+    "prompt_token_channels": ("range", 0, None, "0 = the prompt embedding's width"),
 }
 
 
