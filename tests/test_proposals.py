@@ -107,12 +107,16 @@ def test_region_head_fitted_on_a_labeled_image_finds_objects_the_specialist_miss
     blind = torch.zeros((1, 2, 72, 104))
     blind[:, 0] = 1.0
     labeled = _ellipse(72, 104, (46, 68), (14, 24))
-    proposer = RegionProposer(litemedsam, ProposalSettings())
+    # a denser grid than the default: one of its boxes must outline the unseen object for the head to pick it
+    grid = dict(scales=(0.25, 0.4, 0.6, 0.85))
+    proposer = RegionProposer(litemedsam, ProposalSettings(**grid))
     proposer.fit([("labeled", _image(labeled, 1)[0].numpy(), labeled.astype(np.int64), blind[0].numpy())], 2,
                  progress=lambda _: None)
     unseen = _ellipse(72, 104, (28, 36), (13, 22))
     x = _image(unseen, 2)
-    assert not (RegionProposer(litemedsam, ProposalSettings())(x, blind).probabilities.argmax(1) == 1).any()
-    proposer.settings = ProposalSettings(scoring="head")
-    found = (proposer(x, blind).probabilities.argmax(1) == 1)[0].numpy()
+    # both scorings judge the same candidates (decoded once: shared under the same cache key)
+    agreement = RegionProposer(litemedsam, ProposalSettings(**grid), shared_cache=proposer._last)
+    assert not (agreement(x, blind, cache_keys=["unseen"]).probabilities.argmax(1) == 1).any()
+    proposer.settings = ProposalSettings(scoring="head", **grid)
+    found = (proposer(x, blind, cache_keys=["unseen"]).probabilities.argmax(1) == 1)[0].numpy()
     assert _dice(found, unseen) >= 0.8

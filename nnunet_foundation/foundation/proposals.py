@@ -239,10 +239,13 @@ class RegionProposer:
         cls = cls + 1
         inside = c.probabilities > 0.5
         kept: List[Tuple[int, int, float]] = []
-        for i in torch.argsort(best, descending=True).tolist():
+        # among overlapping candidates of a class the one with the best-formed mask wins (the generalist's own
+        # predicted IoU), so a confident part of an object does not suppress the whole object
+        order = torch.argsort(best * c.predicted_iou.clamp(0, 1), descending=True).tolist()
+        for i in order:
             score = float(best[i])
             if score < self.settings.min_score:
-                break
+                continue
             if not inside[i].any():
                 continue
             k = int(cls[i])
