@@ -130,6 +130,10 @@ def test_mean_teacher_3d_fullres_training_outputs(trained):
     log = ckpt["logging"]
     assert len(log["unsup_loss"]) == 2 and all(np.isfinite(log["unsup_loss"]))
     assert all(0 < w < 0.1 for w in log["unsup_weight"])
+    # the gradient-norm ratio of the (weighted) unsupervised to the supervised term, once per epoch
+    ratios = log["grad_ratio_unsup_sup"]
+    assert len(ratios) == 2 and all(np.isfinite(ratios)) and all(r > 0 for r in ratios)
+    assert logs[MT].count("grad_ratio_unsup_sup") == 2
     assert (out / "progress.png").stat().st_size > 10_000
     assert json.loads((out / "ssl_settings.json").read_text())["settings"]["ema_decay"] == 0.99
     assert (out / "validation" / "summary.json").is_file()
@@ -216,6 +220,8 @@ def test_cli_resume_of_an_interrupted_run_continues_counters(trained, tmp_path):
     final = load_checkpoint(out / "checkpoint_final.pth")
     assert final["current_epoch"] == 2 and final["ssl_state"]["iteration"] == SMOKE_ITERATIONS
     assert len(final["logging"]["unsup_loss"]) == 2
+    # the epoch after the resumption measured its gradient ratio again
+    assert len(final["logging"]["grad_ratio_unsup_sup"]) == 2 and final["logging"]["grad_ratio_unsup_sup"][1] > 0
 
 
 def test_resume_with_changed_settings_is_refused_and_changes_nothing(trained, tmp_path):

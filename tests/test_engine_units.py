@@ -167,9 +167,9 @@ def test_mean_teacher_step_unsup_term_reaches_student_and_teacher_gets_none(star
         t.unsup_weight = lambda: w
         t.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # same teacher noise
-        loss, logs = t.compute_losses(labeled, unlabeled)
-        loss.backward()
-        return _grads(t.network), logs
+        parts = t.compute_losses(labeled, unlabeled)
+        parts.total.backward()
+        return _grads(t.network), parts.logs
 
     g0, logs0 = grads_with_weight(0.0)
     g1, logs1 = grads_with_weight(100.0)
@@ -177,6 +177,26 @@ def test_mean_teacher_step_unsup_term_reaches_student_and_teacher_gets_none(star
     assert any(not torch.allclose(a, b) for a, b in zip(g0, g1)), "consistency term does not reach the student"
     assert all(p.grad is None for p in t.teacher.parameters())
     assert all(not p.requires_grad for p in t.teacher.parameters())
+
+
+def test_gradient_norm_ratio_equals_separate_backward_passes_and_leaves_grads_alone(started_trainer):
+    t = started_trainer
+    batch = next(t.dataloader_train)
+    labeled = {"data": batch["data"], "target": batch["target"]}
+    unlabeled = {"data": next(t.dataloader_unlabeled)["data"]}
+    t.unsup_weight = lambda: 100.0
+    t.optimizer.zero_grad(set_to_none=True)
+    parts = t.compute_losses(labeled, unlabeled)
+    ratio = t.gradient_norm_ratio(parts)
+    assert all(p.grad is None for p in t.network.parameters()), "the measurement must not touch .grad"
+
+    def norm_of_backward(term, **kwargs):
+        t.optimizer.zero_grad(set_to_none=True)
+        term.backward(**kwargs)
+        return torch.sqrt(sum((g ** 2).sum() for g in _grads(t.network))).item()
+
+    expected = norm_of_backward(parts.unsupervised, retain_graph=True) / norm_of_backward(parts.supervised)
+    assert ratio > 0 and math.isfinite(ratio) and ratio == pytest.approx(expected, rel=1e-4)
 
 
 def test_train_step_updates_teacher_by_ema_only(started_trainer):
@@ -210,9 +230,9 @@ def test_cps_cross_term_reaches_both_networks(trainer_factory):
         t.unsup_weight = lambda: w
         for opt in (t.optimizer, t.optimizer_b):
             opt.zero_grad(set_to_none=True)
-        loss, logs = t.compute_losses(labeled, unlabeled)
-        loss.backward()
-        return _grads(t.network), _grads(t.network_b), logs
+        parts = t.compute_losses(labeled, unlabeled)
+        parts.total.backward()
+        return _grads(t.network), _grads(t.network_b), parts.logs
 
     a0, b0, _ = grads_with_weight(0.0)
     a1, b1, logs = grads_with_weight(10.0)
@@ -297,9 +317,9 @@ def test_ua_mt_step_uses_uncertainty_mask_and_reaches_student(trainer_factory):
         t.unsup_weight = lambda: w
         t.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(3)
-        loss, logs = t.compute_losses(labeled, unlabeled)
-        loss.backward()
-        return _grads(t.network), logs
+        parts = t.compute_losses(labeled, unlabeled)
+        parts.total.backward()
+        return _grads(t.network), parts.logs
 
     g0, _ = grads_with_weight(0.0)
     g1, logs = grads_with_weight(100.0)

@@ -13,7 +13,7 @@ from nnunet_foundation.methods.synfoc.math import ALPHA_STRATEGIES, alpha_for, c
 from nnunet_foundation.methods.synfoc.sam_student import SAM_CONFIG_KEY, SAM_STUDENT_KEY, SAM_TEACHER_KEY
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import ce_dice
-from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
 from nnunet_foundation.training.views import random_boxes
 
 # backends whose image encoder takes LoRA (SAM ViT, TinyViT) and whose decoder takes the multi-class head
@@ -131,9 +131,9 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         unsupervised = pseudo_terms + cdcr
         weight = self.unsup_weight()
         alpha_log = float(alpha.nanmean()) if not torch.isnan(alpha).all() else math.nan
-        return supervised_unet + supervised_sam + weight * unsupervised, {
+        return LossParts(supervised_unet + supervised_sam, weight * unsupervised, {
             "unsup_loss": unsupervised.detach(), "unsup_weight": weight, "alpha": alpha_log,
-            "confident_fraction": conf_unet.float().mean(), "agreement": parts["agreement"]}
+            "confident_fraction": conf_unet.float().mean(), "agreement": parts["agreement"]})
 
     # -------------------------------------------------------------------------------------------- checkpoint
     def ssl_state_dict(self):  # the base adds both EMA teachers
