@@ -48,7 +48,7 @@ from nnunet_foundation.training.settings import (SettingsError, comparable_setti
                                                  resolve_settings)
 from nnunet_foundation.training.unlabeled_stream import (UnlabeledDataLoader, describe_transforms, split_batch_size,
                                                          split_training_transforms)
-from nnunet_foundation.training.views import strong_views
+from nnunet_foundation.training.views import REFERENCE_STRENGTH, StrongViewStrength, strong_views
 from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, collect_unlabeled_cases
 
 
@@ -106,6 +106,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     #: N > 0: the unlabeled stream gives the weak view ('data': geometric transforms only) and the base adds
     #: 'strong': N strong photometric views of it (training/views.py); 0: 'data' has all of nnU-Net's transforms
     num_strong_views: int = 0
+    #: the random ranges of those strong views (training/views.py); SynFoC uses its reference's
+    strong_view_strength: StrongViewStrength = REFERENCE_STRENGTH
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -370,7 +372,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             unlabeled["pseudo_label"] = self._to_device(unlabeled_batch["pseudo_label"])
         if self.num_strong_views:
             with torch.no_grad():
-                unlabeled["strong"] = strong_views(unlabeled["data"], self.num_strong_views)
+                unlabeled["strong"] = strong_views(unlabeled["data"], self.num_strong_views, self.strong_view_strength)
 
         pairs = [(self.optimizer, self.network)] + self.extra_optimizers()
         for opt, _ in pairs:

@@ -9,7 +9,8 @@ The perturbation is always on, at the strength of the semi-supervised references
 colour jitter + blur) carried over to z-scored medical intensities: per sample, brightness and contrast factors from
 U(0.5, 1.5), a gamma from U(0.7, 1.5) on the intensity range, a Gaussian blur of sigma U(0.1, 1.5) voxels, and
 Gaussian noise of variance U(0, 0.1) (nnU-Net's noise range). Geometry is left alone, so a pseudo-label of the weak
-view is a voxel-wise target for every strong view.
+view is a voxel-wise target for every strong view. A method may ask for other ranges (``strong_view_strength``):
+SynFoC uses its reference's :data:`SYNFOC_STRENGTH`.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ class StrongViewStrength:
 
 
 REFERENCE_STRENGTH = StrongViewStrength()
+#: SynFoC's strong view (MQinghe/SynFoC ``train.py``, grayscale datasets): brightness and contrast from U(0.1, 2) and
+#: a Gaussian blur, always on, no gamma and no noise. Its blur is SimCLR's (kernel 10% of the image, sigma
+#: U(0.1, 2.0) pixels); here sigma U(0.1, 2.0) voxels with a kernel of +-3 sigma.
+SYNFOC_STRENGTH = StrongViewStrength(brightness=(0.1, 2.0), contrast=(0.1, 2.0), gamma=(1.0, 1.0),
+                                     blur_sigma=(0.1, 2.0), noise_variance=(0.0, 0.0))
 
 
 def _uniform(low_high: Tuple[float, float], shape, like: torch.Tensor) -> torch.Tensor:
@@ -69,10 +75,13 @@ def strong_view(x: torch.Tensor, strength: StrongViewStrength = REFERENCE_STRENG
     mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
     x = (x - mean) * _per_sample(x, strength.contrast) + mean
     # gamma on the intensity range of each image and channel, which is restored afterwards
-    low = x.amin(dim=tuple(range(2, x.ndim)), keepdim=True)
-    span = (x.amax(dim=tuple(range(2, x.ndim)), keepdim=True) - low).clamp_min(1e-6)
-    x = ((x - low) / span).clamp(0, 1) ** _per_sample(x, strength.gamma) * span + low
+    if strength.gamma != (1.0, 1.0):
+        low = x.amin(dim=tuple(range(2, x.ndim)), keepdim=True)
+        span = (x.amax(dim=tuple(range(2, x.ndim)), keepdim=True) - low).clamp_min(1e-6)
+        x = ((x - low) / span).clamp(0, 1) ** _per_sample(x, strength.gamma) * span + low
     x = gaussian_blur(x, _uniform(strength.blur_sigma, (x.shape[0],), x))
+    if strength.noise_variance == (0.0, 0.0):
+        return x
     return x + torch.randn_like(x) * _per_sample(x, strength.noise_variance).sqrt()
 
 
@@ -108,5 +117,5 @@ def paste_boxes(box: torch.Tensor, background: torch.Tensor, pasted: torch.Tenso
     return torch.where(inside, pasted, background)
 
 
-__all__ = ["StrongViewStrength", "REFERENCE_STRENGTH", "gaussian_blur", "strong_view", "strong_views",
-           "random_boxes", "paste_boxes"]
+__all__ = ["StrongViewStrength", "REFERENCE_STRENGTH", "SYNFOC_STRENGTH", "gaussian_blur", "strong_view",
+           "strong_views", "random_boxes", "paste_boxes"]
