@@ -48,7 +48,8 @@ from nnunet_foundation.training.settings import (SettingsError, comparable_setti
                                                  resolve_settings)
 from nnunet_foundation.training.unlabeled_stream import (UnlabeledDataLoader, describe_transforms, split_batch_size,
                                                          split_training_transforms)
-from nnunet_foundation.training.views import REFERENCE_STRENGTH, StrongViewStrength, strong_views
+from nnunet_foundation.training.views import (REFERENCE_STRENGTH, StrongViewStrength, feature_dropout_stream,
+                                              strong_views)
 from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, collect_unlabeled_cases
 
 
@@ -226,6 +227,16 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         outputs = self.as_list((network or self.network)(torch.cat((x_labeled, x_unlabeled))))
         n = x_labeled.shape[0]
         return [o[:n] for o in outputs], [o[n:] for o in outputs]
+
+    def forward_with_feature_dropout(self, x_labeled: torch.Tensor, x_unlabeled: torch.Tensor, p: float = 0.5,
+                                     network: Optional[nn.Module] = None):
+        """:meth:`forward_labeled_and_unlabeled` plus a feature-perturbed stream of the unlabeled patches (UniMatch):
+        (labeled outputs, unlabeled outputs, unlabeled outputs decoded from encoder features with channel dropout
+        ``p``), one encoder pass for all three (training/views.py ``feature_dropout_stream``)."""
+        n = x_labeled.shape[0]
+        clean, perturbed = feature_dropout_stream(network or self.network, torch.cat((x_labeled, x_unlabeled)), p,
+                                                  first=n)
+        return [o[:n] for o in clean], [o[n:] for o in clean], perturbed
 
     def supervised_loss(self, outputs_labeled: List[torch.Tensor], target) -> torch.Tensor:
         """nnU-Net's own loss (with its deep-supervision weights) on the labeled outputs of one network."""

@@ -83,6 +83,12 @@ SETTING_RULES: Dict[str, tuple] = {
     "lora_rank": ("range", 0, None, "0 = LoRA off"),
     "sam_lr": ("range", 0.0, None, "a learning rate"),
     "sam_weight_decay": ("range", 0.0, None, "a weight decay"),
+    "feature_dropout": ("below", 0.0, 1.0, "a dropout probability"),
+    "strong_view_weight": ("range", 0.0, None, "the weight of each image-level strong view"),
+    "feature_stream_weight": ("range", 0.0, None, "the weight of the feature-perturbation stream"),
+    "cutmix_probability": ("range", 0.0, 1.0, "a probability"),
+    "cutmix_min_area": ("range", 0.0, 1.0, "a fraction of the patch"),
+    "cutmix_max_area": ("range", 0.0, 1.0, "a fraction of the patch"),
 }
 
 
