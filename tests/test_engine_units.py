@@ -410,3 +410,32 @@ def test_extra_network_gets_the_variants_optimiser_and_follows_deep_supervision(
     assert not unwrap_network(t.network_b).decoder.deep_supervision and not t.network.decoder.deep_supervision
     t.set_deep_supervision_enabled(True)
     assert unwrap_network(t.network_b).decoder.deep_supervision
+
+
+# ------------------------------------------------------------------------------------------ EMA baseline
+def test_ema_baseline_exports_the_ema_not_the_last_weights_and_resume_restores_it(trainer_factory, tmp_path):
+    t = trainer_factory("nnUNetTrainerEMA_smoke", configuration="2d")
+    t.on_train_start()
+    for _ in range(3):
+        t.train_step(next(t.dataloader_train))
+    assert t.ema_steps == 3
+    path = str(tmp_path / "ema.pth")
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    ema, student = t.ema.module.state_dict(), unwrap_network(t.network).state_dict()
+    assert ckpt["network_weights"].keys() == ema.keys()
+    assert all(torch.equal(ckpt["network_weights"][k], ema[k]) for k in ema)
+    # after 3 steps (decays 0, 1/2, 2/3 with the warm-up) the average differs from the last weights
+    assert any(not torch.equal(ema[k], student[k]) for k in ema if ema[k].is_floating_point())
+    assert all(torch.equal(ckpt["ema_state"]["student_weights"][k], student[k]) for k in student)
+
+    fresh = trainer_factory("nnUNetTrainerEMA_smoke", configuration="2d", continue_training=True)
+    fresh.load_checkpoint(path)
+    assert fresh.ema_steps == 3 and fresh.current_epoch == t.current_epoch + 1
+    assert all(torch.equal(fresh.ema.module.state_dict()[k], v) for k, v in ema.items())
+    assert all(torch.equal(unwrap_network(fresh.network).state_dict()[k], v) for k, v in student.items())
+    sa, sb = t.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    # the restored EMA is not replaced by a copy of the weights when training continues
+    fresh.on_train_start()
+    assert all(torch.equal(fresh.ema.module.state_dict()[k], v) for k, v in ema.items())

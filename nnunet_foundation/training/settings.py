@@ -120,11 +120,12 @@ def package_trainer_classes() -> list:
     import pkgutil
 
     import nnunet_foundation.methods as methods
+    from nnunet_foundation.training.baselines import nnUNetTrainerEMA
     from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
 
     for module in pkgutil.walk_packages(methods.__path__, methods.__name__ + "."):
         importlib.import_module(module.name)
-    classes, pending = [], [nnUNetTrainerSemiSupervised]
+    classes, pending = [], [nnUNetTrainerSemiSupervised, nnUNetTrainerEMA]
     while pending:
         cls = pending.pop()
         classes.append(cls)
