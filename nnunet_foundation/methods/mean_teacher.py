@@ -26,6 +26,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
         "teacher_noise_clip": 0.2,
     }
     ssl_log_keys = ("unsup_loss", "unsup_weight", "teacher_confidence")
+    exported_model = "EMA teacher"
 
     def build_ssl_modules(self):
         self.teacher = self.add_ema_teacher("teacher_weights", self.network, self.ssl_settings["ema_decay"])

@@ -107,6 +107,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     #: N > 0: the unlabeled stream gives the weak view ('data': geometric transforms only) and the base adds
     #: 'strong': N strong photometric views of it (training/views.py); 0: 'data' has all of nnU-Net's transforms
     num_strong_views: int = 0
+    #: what ``network_weights`` holds (``inference_network``), in words for reports (the benchmark's)
+    exported_model: str = "student"
     #: the random ranges of those strong views (training/views.py); SynFoC uses its reference's
     strong_view_strength: StrongViewStrength = REFERENCE_STRENGTH
 
