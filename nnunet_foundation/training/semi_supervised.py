@@ -147,8 +147,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def compute_losses(self, labeled: dict, unlabeled: dict) -> LossParts:
         """Return ``LossParts(supervised, weighted unsupervised, scalars to log)``. ``labeled``: {'data', 'target'}
-        on the device; ``unlabeled``: {'data', and with ``num_strong_views`` 'strong': a list of strong views} on the device. Runs under autocast
-        on CUDA."""
+        on the device; ``unlabeled``: {'data', and with ``num_strong_views`` 'strong': a list of strong views} on
+        the device. Runs under autocast on CUDA."""
         raise NotImplementedError(f"{type(self).__name__} is the semi-supervised base class; train one of its "
                                   f"methods instead, e.g. nnUNetTrainerMeanTeacher or nnUNetTrainerCPS.")
 

@@ -28,8 +28,9 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
     probabilities into one pseudo-label with a confidence mask (> ``confidence_threshold``); a random box of a labeled
     image is pasted into the strong view (training/views.py ``SYNFOC_STRENGTH``, the reference's: brightness and
     contrast U(0.1, 2) and a blur, always on; ground truth inside the box, confident everywhere inside); both students
-    learn the labeled batch (nnU-Net's loss; CE + Dice for SAM) and the mixed image (masked CE + Dice), plus CDCR between them;
-    the unlabeled terms are weighted by ``unsup_weight * exp(-5 (1 - t/T)^2)``. SAM's trainable parts use AdamW
+    learn the labeled batch (nnU-Net's loss; CE + Dice for SAM) and the mixed image (masked CE + Dice), plus CDCR
+    between them (averaged over all B x K x voxels, as the reference); the unlabeled terms are weighted by
+    ``unsup_weight * exp(-5 (1 - t/T)^2)``. SAM's trainable parts use AdamW
     (``sam_lr``, ``sam_weight_decay``) following nnU-Net's poly schedule. ``network_weights`` holds the nnU-Net
     student (what ``nnUNetv2_predict`` runs); the SAM student/teacher (trainable parts), the nnU-Net teacher and the
     AdamW state are kept in the checkpoint for ``--c``.
