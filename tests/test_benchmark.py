@@ -23,9 +23,12 @@ CONFIGURATION = "3d_fullres"
 BENCHMARK_ARGS = ["nnunet-foundation", "benchmark", "-d", SYNTHETIC_ID, "-c", CONFIGURATION, "--labeled", 2, 4,
                   "--seeds", 0, "--num-val", 2, "--test-cases", 2, "--trainers", "nnUNetTrainerMeanTeacher",
                   "--budget", "smoke", "--device", "cpu"]
-RUN_IDS = ["labeled-2_seed-0_nnUNetTrainer_smoke", "labeled-2_seed-0_nnUNetTrainerMeanTeacher_smoke",
-           "labeled-4_seed-0_nnUNetTrainer_smoke", "labeled-4_seed-0_nnUNetTrainerMeanTeacher_smoke",
-           "labeled-all_seed-0_nnUNetTrainer_smoke"]
+# both bounds train nnUNetTrainerEMA by default: an EMA export like Mean Teacher's teacher (--no-ema-baselines:
+# nnUNetTrainer)
+BASELINE = "nnUNetTrainerEMA_smoke"
+RUN_IDS = [f"labeled-2_seed-0_{BASELINE}", "labeled-2_seed-0_nnUNetTrainerMeanTeacher_smoke",
+           f"labeled-4_seed-0_{BASELINE}", "labeled-4_seed-0_nnUNetTrainerMeanTeacher_smoke",
+           f"labeled-all_seed-0_{BASELINE}"]
 
 
 # ------------------------------------------------------------------------------ fast: planning, state, safety
@@ -54,10 +57,10 @@ def test_plan_has_both_bounds_and_every_ssl_trainer_per_fold(make_benchmark):
         fold = bench.folds[run.fold]
         assert run.split == fold
         if run.role == UPPER:
-            assert run.trainer == "nnUNetTrainer_smoke" and fold["unlabeled"] == [] and run.num_labeled is None
+            assert run.trainer == BASELINE and fold["unlabeled"] == [] and run.num_labeled is None
         else:
             assert len(fold["train"]) == run.num_labeled
-            assert run.trainer == ("nnUNetTrainer_smoke" if run.role == LOWER else f"{run.method}_smoke")
+            assert run.trainer == (BASELINE if run.role == LOWER else f"{run.method}_smoke")
     assert sorted(r.method for r in bench.runs if r.role == SSL and r.fold == 0) == \
         ["nnUNetTrainerCPS", "nnUNetTrainerMeanTeacher"]
     # the command written into job scripts and reports reproduces exactly these settings
@@ -66,11 +69,17 @@ def test_plan_has_both_bounds_and_every_ssl_trainer_per_fold(make_benchmark):
     args = build_parser().parse_args(bench.settings.command_args("/somewhere"))
     assert (tuple(args.labeled), tuple(args.seeds), tuple(args.trainers), args.budget, args.test_cases) == \
         ((2, 4), (0, 1), ("nnUNetTrainerMeanTeacher", "nnUNetTrainerCPS"), "smoke", 2)
+    assert args.ema_baselines
+    # --no-ema-baselines: the stock trainer, exporting its last weights, for both bounds; the command keeps the flag
+    stock = make_benchmark(ema_baselines=False)
+    assert {r.trainer for r in stock.runs if r.role != SSL} == {"nnUNetTrainer_smoke"}
+    assert not build_parser().parse_args(stock.settings.command_args("/somewhere")).ema_baselines
 
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(budget="fast"), "unknown budget"),
     (dict(trainers=("nnUNetTrainer",)), "always runs"),
+    (dict(trainers=("nnUNetTrainerEMA",)), "always runs"),
     (dict(test_cases=0), "held-out cases only"),
     (dict(labeled=(0, 2)), "at least 1"),
     (dict(labeled=(8,)), "leave no unlabeled case"),
@@ -221,8 +230,10 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[0].startswith("nnUNetTrainer"):
             table[cells[0].split(" ")[0]] = cells[1:]
-    assert set(table) == {"nnUNetTrainer_smoke", "nnUNetTrainerMeanTeacher_smoke"}
-    for trainer, columns in (("nnUNetTrainer_smoke", ["2", "4", "all"]), ("nnUNetTrainerMeanTeacher_smoke", ["2", "4"])):
+    assert set(table) == {BASELINE, "nnUNetTrainerMeanTeacher_smoke"}
+    # the report says which model each row's predictions came from
+    assert f"`{BASELINE}`: EMA of the weights" in report and "`nnUNetTrainerMeanTeacher_smoke`: EMA teacher" in report
+    for trainer, columns in ((BASELINE, ["2", "4", "all"]), ("nnUNetTrainerMeanTeacher_smoke", ["2", "4"])):
         for i, column in enumerate(columns):
             run_id = f"labeled-{column}_seed-0_{trainer}"
             per_case = [np.mean([m["Dice"] for m in c["metrics"].values()])
@@ -235,7 +246,7 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
     mean = {k: v["evaluation"]["foreground_mean"]["Dice"]["mean"] for k, v in runs.items()}
     for n in ("2", "4"):
         expected = gap_closed(mean[f"labeled-{n}_seed-0_nnUNetTrainerMeanTeacher_smoke"],
-                              mean[f"labeled-{n}_seed-0_nnUNetTrainer_smoke"], mean[RUN_IDS[4]])
+                              mean[f"labeled-{n}_seed-0_{BASELINE}"], mean[RUN_IDS[4]])
         got = results["gap_closed"]["nnUNetTrainerMeanTeacher_smoke"][n]["Dice"]["per_seed"]["0"]
         assert (math.isnan(expected) and got is None or math.isnan(got)) if math.isnan(expected) else \
             got == pytest.approx(expected)

@@ -1,5 +1,5 @@
-"""End to end through the real command-line tools: unlabeled preprocessing, nnUNetv2_train for Mean Teacher and CPS
-(3d_fullres and 2d, CPU), nnUNetv2_predict with the stock predictor, and --c resume.
+"""End to end through the real command-line tools: unlabeled preprocessing, nnUNetv2_train for Mean Teacher, CPS and
+UniMatch (3d_fullres and 2d, CPU), nnUNetv2_predict with the stock predictor, and --c resume.
 
 The trainings are shared by module-scoped fixtures: a smoke run costs ~30 s on two cores.
 """
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 MT = "nnUNetTrainerMeanTeacher_smoke"
 CPS = "nnUNetTrainerCPS_smoke"
+UNIMATCH = "nnUNetTrainerUniMatch_smoke"
 SMOKE_ITERATIONS = 2 * 4  # epochs x iterations of the smoke budget
 
 
@@ -57,11 +58,13 @@ def assert_optimizer_state_equal(a: dict, b: dict):
 
 @pytest.fixture(scope="module")
 def trained(synthetic_dataset, tmp_path_factory):
-    """Mean Teacher (3d_fullres) and CPS (2d) trained with the smoke budget on fold 0, unlabeled scans included."""
+    """Mean Teacher (3d_fullres), CPS and UniMatch (2d) trained with the smoke budget on fold 0, unlabeled scans
+    included."""
     root = tmp_path_factory.mktemp("trained")
     env = copy_nnunet_tree(synthetic_dataset, root)
     preprocess_unlabeled_cli(env, ("3d_fullres", "2d"))
-    logs = {MT: train(env, MT, "3d_fullres").stdout, CPS: train(env, CPS, "2d").stdout}
+    logs = {MT: train(env, MT, "3d_fullres").stdout, CPS: train(env, CPS, "2d").stdout,
+            UNIMATCH: train(env, UNIMATCH, "2d").stdout}
     return root, env, logs
 
 
@@ -130,6 +133,10 @@ def test_mean_teacher_3d_fullres_training_outputs(trained):
     log = ckpt["logging"]
     assert len(log["unsup_loss"]) == 2 and all(np.isfinite(log["unsup_loss"]))
     assert all(0 < w < 0.1 for w in log["unsup_weight"])
+    # the gradient-norm ratio of the (weighted) unsupervised to the supervised term, once per epoch
+    ratios = log["grad_ratio_unsup_sup"]
+    assert len(ratios) == 2 and all(np.isfinite(ratios)) and all(r > 0 for r in ratios)
+    assert logs[MT].count("grad_ratio_unsup_sup") == 2
     assert (out / "progress.png").stat().st_size > 10_000
     assert json.loads((out / "ssl_settings.json").read_text())["settings"]["ema_decay"] == 0.99
     assert (out / "validation" / "summary.json").is_file()
@@ -150,7 +157,18 @@ def test_cps_2d_training_outputs(trained):
     assert (out / "validation" / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("trainer,configuration", [(MT, "3d_fullres"), (CPS, "2d")])
+def test_unimatch_2d_training_outputs(trained):
+    root, env, logs = trained
+    ckpt = load_checkpoint(output_folder(env, UNIMATCH, "2d") / "checkpoint_final.pth")
+    assert ckpt["ssl_state"]["iteration"] == SMOKE_ITERATIONS and ckpt["ssl_state"]["student_weights"] is None
+    log = ckpt["logging"]
+    for key in ("strong_view_loss", "feature_stream_loss", "grad_ratio_unsup_sup"):
+        assert len(log[key]) == 2 and all(np.isfinite(log[key])), key
+    assert log["unsup_weight"] == [1.0, 1.0] and all(r > 0 for r in log["grad_ratio_unsup_sup"])
+    assert "2 strong view(s) made on the device" in logs[UNIMATCH]
+
+
+@pytest.mark.parametrize("trainer,configuration", [(MT, "3d_fullres"), (CPS, "2d"), (UNIMATCH, "2d")])
 def test_stock_predictor_uses_the_trained_model(trained, tmp_path, trainer, configuration):
     root, env, _ = trained
     images = Path(env["nnUNet_raw"]) / SYNTHETIC_NAME / "imagesTs"
@@ -198,12 +216,13 @@ def test_resume_restores_second_cps_network_and_its_optimiser_exactly(trained, m
     assert_optimizer_state_equal(trainer.optimizer_b.state_dict(), ckpt["ssl_state"]["extra_optimizer_states"][0])
 
 
-def test_cli_resume_of_an_interrupted_run_continues_counters(trained, tmp_path):
+@pytest.mark.parametrize("trainer,configuration", [(MT, "3d_fullres"), (UNIMATCH, "2d")])
+def test_cli_resume_of_an_interrupted_run_continues_counters(trained, tmp_path, trainer, configuration):
     """Turn the finished run into one interrupted after epoch 1, resume it with --c, and check that the SSL counter
     continued (a reset counter would end at 4 instead of 8 iterations and restart the ramp-up)."""
     root, env, _ = trained
     env = copy_nnunet_tree(root, tmp_path / "tree")
-    out = output_folder(env, MT, "3d_fullres")
+    out = output_folder(env, trainer, configuration)
     ckpt = load_checkpoint(out / "checkpoint_final.pth")
     ckpt["current_epoch"] = 1
     ckpt["ssl_state"]["iteration"] = SMOKE_ITERATIONS // 2
@@ -212,10 +231,12 @@ def test_cli_resume_of_an_interrupted_run_continues_counters(trained, tmp_path):
     torch.save(ckpt, out / "checkpoint_latest.pth")
     (out / "checkpoint_final.pth").unlink()
 
-    train(env, MT, "3d_fullres", "--c")
+    train(env, trainer, configuration, "--c")
     final = load_checkpoint(out / "checkpoint_final.pth")
     assert final["current_epoch"] == 2 and final["ssl_state"]["iteration"] == SMOKE_ITERATIONS
     assert len(final["logging"]["unsup_loss"]) == 2
+    # the epoch after the resumption measured its gradient ratio again
+    assert len(final["logging"]["grad_ratio_unsup_sup"]) == 2 and final["logging"]["grad_ratio_unsup_sup"][1] > 0
 
 
 def test_resume_with_changed_settings_is_refused_and_changes_nothing(trained, tmp_path):

@@ -167,9 +167,9 @@ def test_mean_teacher_step_unsup_term_reaches_student_and_teacher_gets_none(star
         t.unsup_weight = lambda: w
         t.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # same teacher noise
-        loss, logs = t.compute_losses(labeled, unlabeled)
-        loss.backward()
-        return _grads(t.network), logs
+        parts = t.compute_losses(labeled, unlabeled)
+        parts.total.backward()
+        return _grads(t.network), parts.logs
 
     g0, logs0 = grads_with_weight(0.0)
     g1, logs1 = grads_with_weight(100.0)
@@ -177,6 +177,26 @@ def test_mean_teacher_step_unsup_term_reaches_student_and_teacher_gets_none(star
     assert any(not torch.allclose(a, b) for a, b in zip(g0, g1)), "consistency term does not reach the student"
     assert all(p.grad is None for p in t.teacher.parameters())
     assert all(not p.requires_grad for p in t.teacher.parameters())
+
+
+def test_gradient_norm_ratio_equals_separate_backward_passes_and_leaves_grads_alone(started_trainer):
+    t = started_trainer
+    batch = next(t.dataloader_train)
+    labeled = {"data": batch["data"], "target": batch["target"]}
+    unlabeled = {"data": next(t.dataloader_unlabeled)["data"]}
+    t.unsup_weight = lambda: 100.0
+    t.optimizer.zero_grad(set_to_none=True)
+    parts = t.compute_losses(labeled, unlabeled)
+    ratio = t.gradient_norm_ratio(parts)
+    assert all(p.grad is None for p in t.network.parameters()), "the measurement must not touch .grad"
+
+    def norm_of_backward(term, **kwargs):
+        t.optimizer.zero_grad(set_to_none=True)
+        term.backward(**kwargs)
+        return torch.sqrt(sum((g ** 2).sum() for g in _grads(t.network))).item()
+
+    expected = norm_of_backward(parts.unsupervised, retain_graph=True) / norm_of_backward(parts.supervised)
+    assert ratio > 0 and math.isfinite(ratio) and ratio == pytest.approx(expected, rel=1e-4)
 
 
 def test_train_step_updates_teacher_by_ema_only(started_trainer):
@@ -210,9 +230,9 @@ def test_cps_cross_term_reaches_both_networks(trainer_factory):
         t.unsup_weight = lambda: w
         for opt in (t.optimizer, t.optimizer_b):
             opt.zero_grad(set_to_none=True)
-        loss, logs = t.compute_losses(labeled, unlabeled)
-        loss.backward()
-        return _grads(t.network), _grads(t.network_b), logs
+        parts = t.compute_losses(labeled, unlabeled)
+        parts.total.backward()
+        return _grads(t.network), _grads(t.network_b), parts.logs
 
     a0, b0, _ = grads_with_weight(0.0)
     a1, b1, logs = grads_with_weight(10.0)
@@ -297,9 +317,9 @@ def test_ua_mt_step_uses_uncertainty_mask_and_reaches_student(trainer_factory):
         t.unsup_weight = lambda: w
         t.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(3)
-        loss, logs = t.compute_losses(labeled, unlabeled)
-        loss.backward()
-        return _grads(t.network), logs
+        parts = t.compute_losses(labeled, unlabeled)
+        parts.total.backward()
+        return _grads(t.network), parts.logs
 
     g0, _ = grads_with_weight(0.0)
     g1, logs = grads_with_weight(100.0)
@@ -390,3 +410,32 @@ def test_extra_network_gets_the_variants_optimiser_and_follows_deep_supervision(
     assert not unwrap_network(t.network_b).decoder.deep_supervision and not t.network.decoder.deep_supervision
     t.set_deep_supervision_enabled(True)
     assert unwrap_network(t.network_b).decoder.deep_supervision
+
+
+# ------------------------------------------------------------------------------------------ EMA baseline
+def test_ema_baseline_exports_the_ema_not_the_last_weights_and_resume_restores_it(trainer_factory, tmp_path):
+    t = trainer_factory("nnUNetTrainerEMA_smoke", configuration="2d")
+    t.on_train_start()
+    for _ in range(3):
+        t.train_step(next(t.dataloader_train))
+    assert t.ema_steps == 3
+    path = str(tmp_path / "ema.pth")
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    ema, student = t.ema.module.state_dict(), unwrap_network(t.network).state_dict()
+    assert ckpt["network_weights"].keys() == ema.keys()
+    assert all(torch.equal(ckpt["network_weights"][k], ema[k]) for k in ema)
+    # after 3 steps (decays 0, 1/2, 2/3 with the warm-up) the average differs from the last weights
+    assert any(not torch.equal(ema[k], student[k]) for k in ema if ema[k].is_floating_point())
+    assert all(torch.equal(ckpt["ema_state"]["student_weights"][k], student[k]) for k in student)
+
+    fresh = trainer_factory("nnUNetTrainerEMA_smoke", configuration="2d", continue_training=True)
+    fresh.load_checkpoint(path)
+    assert fresh.ema_steps == 3 and fresh.current_epoch == t.current_epoch + 1
+    assert all(torch.equal(fresh.ema.module.state_dict()[k], v) for k, v in ema.items())
+    assert all(torch.equal(unwrap_network(fresh.network).state_dict()[k], v) for k, v in student.items())
+    sa, sb = t.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    # the restored EMA is not replaced by a copy of the weights when training continues
+    fresh.on_train_start()
+    assert all(torch.equal(fresh.ema.module.state_dict()[k], v) for k, v in ema.items())

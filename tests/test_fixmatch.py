@@ -32,11 +32,11 @@ def test_unsupervised_term_is_positive_and_reaches_the_student(trainer_factory):
     def grads_with_weight(w):
         t.unsup_weight = lambda: w
         t.optimizer.zero_grad(set_to_none=True)
-        loss, logs = t.compute_losses(labeled, unlabeled)
-        loss.backward()
+        parts = t.compute_losses(labeled, unlabeled)
+        parts.total.backward()
         # the lowest deep-supervision output has weight 0 in nnU-Net's loss: its head gets no gradient
         return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                for p in t.network.parameters()], logs
+                for p in t.network.parameters()], parts.logs
 
     g0, _ = grads_with_weight(0.0)
     g1, logs = grads_with_weight(10.0)

@@ -150,10 +150,16 @@ def test_scsam_trains_predicts_and_resumes(synthetic_dataset, sam_checkpoint, tm
     env.update(SMALL_TOKENS, nnUNet_ssl_generalists=tiny_generalist(sam_checkpoint))
     train = ["nnUNetv2_train", SYNTHETIC_ID, configuration, 0, "-tr", SCSAM, "-device", "cpu"]
     out = Path(env["nnUNet_results"]) / "Dataset900_Synthetic" / f"{SCSAM}__nnUNetPlans__{configuration}" / "fold_0"
-    interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
-    assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
-    resumed = run_cli(train + ["--c"], env)
-    assert "checkpoint_best.pth" in resumed.stdout + resumed.stderr
+    # kill + --c and stock prediction are the engine's, the same in 2d and 3d: checked once, in 2d (CI time);
+    # 3d_fullres checks what differs there, SAM slice-wise in training and in predict-sam-student
+    resume = configuration == "2d"
+    if resume:
+        interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
+        assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
+        resumed = run_cli(train + ["--c"], env)
+        assert "checkpoint_best.pth" in resumed.stdout + resumed.stderr
+    else:
+        run_cli(train, env)
     final = load(out / "checkpoint_final.pth")
     ssl = final["ssl_state"]
     assert final["current_epoch"] == 2 and ssl["iteration"] == 8
@@ -162,8 +168,10 @@ def test_scsam_trains_predicts_and_resumes(synthetic_dataset, sam_checkpoint, tm
     names = list(ssl["sam_student"])
     assert names and all(".lora_" in n or n.startswith(("sam.prompt_encoder.", "sam.mask_decoder.",
                                                          "prompt_tokens.")) for n in names)
-    moved = [n for n in names if not torch.equal(ssl["sam_student"][n], interrupted["ssl_state"]["sam_student"][n])]
-    assert moved  # SAM kept learning after the resume
+    if resume:
+        moved = [n for n in names
+                 if not torch.equal(ssl["sam_student"][n], interrupted["ssl_state"]["sam_student"][n])]
+        assert moved  # SAM kept learning after the resume
     # the SAM's optimiser state came back with --c (Adam's step count continued from the interrupted run)
     steps = [s["step"] for s in ssl["extra_optimizer_states"][0]["state"].values()]
     assert steps and all(float(s) == 8 for s in steps)

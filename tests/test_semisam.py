@@ -64,10 +64,10 @@ def student_grads(t, labeled, unlabeled, sam_weight):
     t.unsup_weight = lambda: 0.0  # isolate the SAM term
     t.sam_weight = lambda: sam_weight
     t.optimizer.zero_grad(set_to_none=True)
-    loss, logs = t.compute_losses(labeled, unlabeled)
-    loss.backward()
+    parts = t.compute_losses(labeled, unlabeled)
+    parts.total.backward()
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in t.network.parameters()], \
-        logs
+        parts.logs
 
 
 def test_sam_term_is_positive_reaches_the_student_and_leaves_the_generalist_unchanged(semisam):
@@ -129,8 +129,8 @@ def test_weights_follow_their_schedules(semisam):
 def test_each_prompt_mode_runs_and_point_modes_add_clicks(semisam, mode):
     t = semisam(prompt_mode=mode, prompt_source="student")
     labeled, unlabeled = batches(t)
-    loss, logs = t.compute_losses(labeled, unlabeled)
-    assert torch.isfinite(loss) and float(logs["sam_loss"]) >= 0
+    parts = t.compute_losses(labeled, unlabeled)
+    assert torch.isfinite(parts.total) and float(parts.logs["sam_loss"]) >= 0
     config = t.generalist.config
     if mode == "mask":
         assert config.use_mask_prompt and config.num_points == 0
@@ -168,7 +168,7 @@ def test_several_generalists_are_combined(semisam):
     assert isinstance(t.generalist, GeneralistEnsemble) and len(t.generalist.members) == 3
     assert t.generalist.combination == "agreement"
     labeled, unlabeled = batches(t)
-    _, logs = t.compute_losses(labeled, unlabeled)
+    logs = t.compute_losses(labeled, unlabeled).logs
     assert float(logs["sam_loss"]) > 0
 
 

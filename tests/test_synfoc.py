@@ -205,6 +205,8 @@ def test_training_steps_change_only_sams_adapted_tensors(trainer_factory, sam_ch
     t.unsup_weight = lambda: 1.0  # the unlabeled terms count from the first step (the ramp-up starts near 0)
     adapted = {n for n, _ in t.sam_student.named_parameters() if t.sam_student.is_trainable_parameter(n)}
     assert any(".lora_" in n for n in adapted) and any(n.startswith("multiclass_head.") for n in adapted)
+    scalings = [m.scaling for m in t.sam_student.modules() if type(m).__name__ == "LoRAQKV"]
+    assert scalings and all(s == 1.0 for s in scalings)  # LoRA alpha / rank = 1, as the reference's LoRA_Sam
     before_student = {n: v.clone() for n, v in t.sam_student.state_dict().items()}
     before_teacher = {n: v.clone() for n, v in t.sam_teacher.state_dict().items()}
     before_unet = {n: v.clone() for n, v in t.network.state_dict().items()}

@@ -77,7 +77,7 @@ def test_copy_paste_targets_are_labels_inside_the_box_and_pseudo_labels_outside(
     assert torch.equal(confidence, box)  # confident only inside the pasted labeled box here
 
 
-def test_cdcr_entropy_where_the_students_agree_mse_where_they_disagree():
+def test_cdcr_entropy_where_the_students_agree_mse_where_they_disagree_normalised_as_the_reference():
     a = torch.tensor([[[0.9, 0.6]], [[0.1, 0.4]]]).unsqueeze(0)  # (1, K=2, 1, 2): argmax 0, 0
     b = torch.tensor([[[0.8, 0.3]], [[0.2, 0.7]]]).unsqueeze(0)  # argmax 0, 1: voxel 0 agrees, voxel 1 differs
     loss, parts = cdcr_loss(a.flatten(2), b.flatten(2))
@@ -85,8 +85,12 @@ def test_cdcr_entropy_where_the_students_agree_mse_where_they_disagree():
     def h(p):
         return -sum(x * math.log(x) for x in p)
 
-    consensus = h([0.9, 0.1]) + h([0.8, 0.2])
-    divergence = ((0.6 - 0.3) ** 2 + (0.4 - 0.7) ** 2) / 2
+    # the official code's .mean() over the masked (B, K, voxels) maps: S = 1 x 2 x 2 = 4 elements for every term,
+    # (mean(-p_S log p_S [agree]) + mean(-p_U log p_U [agree])) / 2 and mean((p_S - p_U)^2 [disagree])
+    elements = 1 * 2 * 2
+    consensus = (h([0.9, 0.1]) + h([0.8, 0.2])) / (2 * elements)  # = (0.3251 + 0.5004) / 8 = 0.10319
+    divergence = ((0.6 - 0.3) ** 2 + (0.4 - 0.7) ** 2) / elements  # = 0.045
+    assert consensus == pytest.approx(0.10319, abs=1e-5) and divergence == pytest.approx(0.045)
     assert parts["consensus"].item() == pytest.approx(consensus, rel=1e-5)
     assert parts["divergence"].item() == pytest.approx(divergence, rel=1e-5)
     assert loss.item() == pytest.approx(consensus + divergence, rel=1e-5) and parts["agreement"].item() == 0.5
@@ -94,3 +98,16 @@ def test_cdcr_entropy_where_the_students_agree_mse_where_they_disagree():
     a_, b_ = a.flatten(2).clone().requires_grad_(), b.flatten(2).clone().requires_grad_()
     cdcr_loss(a_, b_)[0].backward()
     assert a_.grad.abs().sum() > 0 and b_.grad.abs().sum() > 0
+
+
+def test_synfoc_strong_view_is_the_references_brightness_contrast_and_blur_without_noise():
+    from nnunet_foundation.methods.synfoc.trainer import nnUNetTrainerSynFoC
+    from nnunet_foundation.training.views import SYNFOC_STRENGTH, strong_view
+
+    assert nnUNetTrainerSynFoC.strong_view_strength is SYNFOC_STRENGTH and nnUNetTrainerSynFoC.num_strong_views == 1
+    torch.manual_seed(0)
+    view = strong_view(torch.ones(2000, 1, 5, 5), SYNFOC_STRENGTH)
+    # a constant image keeps its contrast and blur; only the brightness factor U(0.1, 2) remains, and no noise
+    factors = view[:, 0, 0, 0]
+    assert torch.allclose(view, factors.view(-1, 1, 1, 1).expand_as(view), atol=1e-5)
+    assert 0.1 <= float(factors.min()) < 0.15 and 1.95 < float(factors.max()) <= 2.0

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER
+from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER, exported_model
 from nnunet_foundation.evaluation import METRICS, gap_closed, mean_std, write_json
 
 #: decimals per metric in report.md
@@ -140,9 +140,12 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
                    "total_iterations": bench.budget.total_iterations, "batch_size": bench.budget.batch_size},
         "seeds": list(s.seeds),
         "labeled": list(s.labeled),
-        "trainers": {"lower_bound": s.trainer_class("nnUNetTrainer"),
+        "trainers": {"lower_bound": s.trainer_class(s.baseline_trainer),
                      "semi_supervised": [s.trainer_class(t) for t in s.trainers],
-                     "upper_bound": s.trainer_class("nnUNetTrainer")},
+                     "upper_bound": s.trainer_class(s.baseline_trainer),
+                     # what each trainer's network_weights hold: the model nnUNetv2_predict scored
+                     "exported_model": {s.trainer_class(t): exported_model(t)
+                                        for t in (s.baseline_trainer, *s.trainers)}},
         "num_val": s.num_val,
         "test_cases": bench.test_cases,
         "folds": [{"fold": i.fold, "seed": i.seed, "num_labeled": i.num_labeled, **{k: f[k] for k in f}}
@@ -220,6 +223,8 @@ def render_markdown(data: dict, plots: List[str]) -> str:
              + (f" and {data['num_unlabeled_extra']} imagesUnlabeled scans" if data["num_unlabeled_extra"] else "")
              + f", and `{data['trainers']['upper_bound']}` with every non-test, non-validation case labeled (upper "
                f"bound).",
+             "- **Exported model** (what `nnUNetv2_predict` scored): "
+             + "; ".join(f"`{t}`: {m}" for t, m in data["trainers"].get("exported_model", {}).items()) + ".",
              f"- **Seeds**: {', '.join(map(str, data['seeds']))} (one split per seed: validation cases and nested "
              f"labeled sets); {data['num_val']} validation cases per seed"
              + (f", labeled and validation cases from {', '.join(data['labeled_domains'])} only"

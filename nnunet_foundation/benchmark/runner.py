@@ -33,8 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from nnunet_foundation.benchmark.settings import (LOWER, SSL, STOCK_TRAINER, UPPER, BenchmarkError,
-                                                  BenchmarkSettings, Run)
+from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER, BenchmarkError, BenchmarkSettings, Run
 
 MARKER = ".nnunet_foundation_benchmark"
 # lines of nnU-Net's training output shown live (everything goes to the log file)
@@ -196,11 +195,11 @@ class Benchmark:
             raise BenchmarkError(str(e)) from None
         runs: List[Run] = []
         for fold, info in zip(folds, infos):
-            stock = s.trainer_class(STOCK_TRAINER)
+            baseline = s.baseline_trainer
             if info.num_labeled is None:
-                runs.append(Run(UPPER, stock, STOCK_TRAINER, info.fold, info.seed, None, fold))
+                runs.append(Run(UPPER, s.trainer_class(baseline), baseline, info.fold, info.seed, None, fold))
                 continue
-            runs.append(Run(LOWER, stock, STOCK_TRAINER, info.fold, info.seed, info.num_labeled, fold))
+            runs.append(Run(LOWER, s.trainer_class(baseline), baseline, info.fold, info.seed, info.num_labeled, fold))
             for method in s.trainers:
                 runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold))
         return runs, folds, infos, test

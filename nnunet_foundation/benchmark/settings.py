@@ -7,8 +7,23 @@ from typing import List, Optional, Tuple
 
 #: roles of a run; each fold of labeled count n gets LOWER and every SSL trainer, each seed one UPPER run
 LOWER, SSL, UPPER = "labeled-only", "semi-supervised", "fully supervised"
-#: the stock trainer that gives both bounds (with the budget suffix)
+#: the stock trainer that gives both bounds (with the budget suffix) with --no-ema-baselines
 STOCK_TRAINER = "nnUNetTrainer"
+#: the default trainer of both bounds: the stock training exporting an EMA of its weights, as the teacher-based
+#: methods export their EMA teacher (training/baselines.py), so the comparison is not one of averaging
+EMA_BASELINE_TRAINER = "nnUNetTrainerEMA"
+BASELINE_TRAINERS = (STOCK_TRAINER, EMA_BASELINE_TRAINER)
+
+
+def exported_model(trainer: str) -> str:
+    """What ``network_weights`` (the model nnUNetv2_predict scored) holds for a trainer class name, from the class's
+    ``exported_model`` (this package's trainers) or nnU-Net's behaviour (its own trainers)."""
+    from nnunet_foundation.training.settings import package_trainer_classes
+
+    for cls in package_trainer_classes():
+        if cls.__name__ == trainer:
+            return cls.exported_model
+    return "last weights"
 
 
 class BenchmarkError(RuntimeError):
@@ -35,6 +50,12 @@ class BenchmarkSettings:
     device: str = "cpu"
     output: str = "benchmark"
     num_processes: int = 1  # nnUNetv2_predict -npp/-nps and evaluation workers
+    ema_baselines: bool = True  # both bounds with nnUNetTrainerEMA (EMA export) rather than nnUNetTrainer
+
+    @property
+    def baseline_trainer(self) -> str:
+        """The trainer of the labeled-only and the fully supervised runs, without the budget suffix."""
+        return EMA_BASELINE_TRAINER if self.ema_baselines else STOCK_TRAINER
 
     def normalised(self) -> "BenchmarkSettings":
         """Sorted, de-duplicated lists and trainer names without a budget suffix, so equal studies compare equal."""
@@ -46,9 +67,10 @@ class BenchmarkSettings:
         trainers: List[str] = []
         for name in self.trainers:
             base = name[:-len(self.budget) - 1] if name.endswith("_" + self.budget) else name
-            if base == STOCK_TRAINER:
-                raise BenchmarkError(f"{STOCK_TRAINER} always runs (labeled-only lower bound and fully supervised "
-                                     f"upper bound); list only the semi-supervised trainers in --trainers.")
+            if base in BASELINE_TRAINERS:
+                raise BenchmarkError(f"{self.baseline_trainer} always runs (labeled-only lower bound and fully "
+                                     f"supervised upper bound; {STOCK_TRAINER} with --no-ema-baselines); list only "
+                                     f"the semi-supervised trainers in --trainers.")
             if base not in trainers:
                 trainers.append(base)
         if not trainers:
@@ -98,6 +120,8 @@ class BenchmarkSettings:
             args += ["--labeled-domain", *self.labeled_domains]
         if self.tolerance:
             args += ["--tolerance", *self.tolerance]
+        if not self.ema_baselines:
+            args += ["--no-ema-baselines"]
         args += ["--device", self.device, "-np", str(self.num_processes), "--output", output]
         return args
 

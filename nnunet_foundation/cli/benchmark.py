@@ -17,7 +17,7 @@ def run(args) -> int:
         test_cases=20 if args.test_cases is None else args.test_cases, test_list=args.test_list,
         test_seed=args.test_seed, test_fraction=tuple(args.test_fraction or ()),
         labeled_domains=tuple(args.labeled_domain or ()), tolerance=tuple(args.tolerance or ()),
-        device=args.device, output=args.output, num_processes=args.np)
+        device=args.device, output=args.output, num_processes=args.np, ema_baselines=args.ema_baselines)
     if args.test_cases is not None and (args.test_list or args.test_fraction):
         print("error: --test-cases, --test-list and --test-fraction exclude each other", file=sys.stderr)
         return 2
@@ -82,9 +82,11 @@ def register(subparsers) -> None:
         "benchmark", help="labeled-only vs semi-supervised vs fully supervised nnU-Net on label-scarcity splits",
         description="For a fully labeled, planned and preprocessed dataset: write label-scarcity splits (one fold "
                     "per labeled count and seed, one fully supervised fold per seed, a held-out test set in no "
-                    "fold), train nnUNetTrainer_<budget> on the labeled cases only (lower bound), each "
+                    "fold), train nnUNetTrainerEMA_<budget> (nnU-Net's training, exporting an EMA of its "
+                    "weights; nnUNetTrainer_<budget> with --no-ema-baselines) on the labeled cases only (lower "
+                    "bound), each "
                     "semi-supervised trainer <T>_<budget> on the same labeled cases plus the fold's unlabeled ones, "
-                    "and nnUNetTrainer_<budget> on all labels (upper bound) with nnUNetv2_train; predict the test "
+                    "and the same baseline trainer on all labels (upper bound) with nnUNetv2_train; predict the test "
                     "cases with nnUNetv2_predict (final checkpoint); score Dice, HD95 and NSD; write report.md, "
                     "results.json and PNG plots to --output. Finished runs are skipped and interrupted trainings "
                     "resumed (--c): after an interruption, run the same command again. The raw dataset is only "
@@ -111,7 +113,8 @@ def register(subparsers) -> None:
                         "matters (default: every count); each seed keeps its fully supervised run")
     p.add_argument("--trainers", nargs="+", default=["nnUNetTrainerMeanTeacher"],
                    help="semi-supervised trainers, without budget suffix (default: nnUNetTrainerMeanTeacher); "
-                        "nnUNetTrainer always runs as lower and upper bound")
+                        "nnUNetTrainerEMA (or nnUNetTrainer with --no-ema-baselines) always runs as lower and "
+                        "upper bound")
     p.add_argument("--budget", default="cpu500",
                    help=f"training budget suffix, the same for every run (default: cpu500; one of {', '.join(BUDGETS)})")
     p.add_argument("--num-val", type=int, default=2, help="validation cases per seed (default: 2)")
@@ -129,6 +132,10 @@ def register(subparsers) -> None:
                         "supervised one (default: all domains)")
     p.add_argument("--tolerance", nargs="+", metavar="MM|CLASS=MM",
                    help="NSD tolerance in mm, for all classes and/or per class label value (default: 1.0)")
+    p.add_argument("--no-ema-baselines", dest="ema_baselines", action="store_false",
+                   help="train the labeled-only and fully supervised runs with nnUNetTrainer_<budget>, which exports "
+                        "its last weights, instead of nnUNetTrainerEMA_<budget>, which exports an EMA of its weights "
+                        "like the teacher-based methods export their EMA teacher (default: EMA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="training device (default: cpu)")
     p.add_argument("-np", type=int, default=1, help="prediction/evaluation worker processes (default: 1)")
     p.add_argument("--output", default="benchmark", help="folder for test data, predictions, logs and reports "

@@ -16,7 +16,7 @@ import torch
 
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import cross_entropy, over_scales
-from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
 
 
 class nnUNetTrainerCPS(nnUNetTrainerSemiSupervised):
@@ -46,8 +46,8 @@ class nnUNetTrainerCPS(nnUNetTrainerSemiSupervised):
         with torch.no_grad():
             agreement = (u_a[0].argmax(1) == u_b[0].argmax(1)).float().mean()
         supervised = self.supervised_loss(l_a, target) + self.supervised_loss(l_b, target)
-        return supervised + weight * cps, {"unsup_loss": cps.detach(), "unsup_weight": weight,
-                                           "agreement": agreement}
+        return LossParts(supervised, weight * cps, {"unsup_loss": cps.detach(), "unsup_weight": weight,
+                                                    "agreement": agreement})
 
 
 __all__ = ["nnUNetTrainerCPS", *make_budget_variants(nnUNetTrainerCPS, globals())]

@@ -16,7 +16,7 @@ import torch
 
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import ce_dice, over_scales
-from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
 
 
 class nnUNetTrainerFixMatch(nnUNetTrainerSemiSupervised):
@@ -45,9 +45,9 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSemiSupervised):
         unsupervised = over_scales(ce_dice, self.deep_supervision_weights(), out_strong,
                                    label.repeat(per_view), confident.repeat(per_view))
         weight = self.unsup_weight()
-        return self.supervised_loss(out_l, labeled["target"]) + weight * unsupervised, {
+        return LossParts(self.supervised_loss(out_l, labeled["target"]), weight * unsupervised, {
             "unsup_loss": unsupervised.detach(), "unsup_weight": weight,
-            "confident_fraction": confident.float().mean()}
+            "confident_fraction": confident.float().mean()})
 
 
 __all__ = ["nnUNetTrainerFixMatch", *make_budget_variants(nnUNetTrainerFixMatch, globals())]

@@ -14,7 +14,7 @@ import torch
 
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import over_scales, softmax_mse
-from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
@@ -26,6 +26,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
         "teacher_noise_clip": 0.2,
     }
     ssl_log_keys = ("unsup_loss", "unsup_weight", "teacher_confidence")
+    exported_model = "EMA teacher"
 
     def build_ssl_modules(self):
         self.teacher = self.add_ema_teacher("teacher_weights", self.network, self.ssl_settings["ema_decay"])
@@ -47,7 +48,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
     def compute_losses(self, labeled, unlabeled):
         out_l, out_u = self.forward_labeled_and_unlabeled(labeled["data"], unlabeled["data"])
         unsupervised, logs = self.unsupervised_loss(out_u, unlabeled)
-        return self.supervised_loss(out_l, labeled["target"]) + unsupervised, logs
+        return LossParts(self.supervised_loss(out_l, labeled["target"]), unsupervised, logs)
 
     def unsupervised_loss(self, student_out_u, unlabeled):
         """The weighted unsupervised term and its log values; variants (UA-MT, SemiSAM) override this."""

@@ -5,7 +5,8 @@ A method subclasses :class:`nnUNetTrainerSemiSupervised` and overrides a few hoo
 * ``default_settings`` — its hyper-parameters (readable from the environment / a config file, see settings.py);
 * ``num_strong_views`` — how many strong views of each unlabeled crop it needs (training/views.py);
 * ``build_ssl_modules()`` — its extra models, registered with the base (below);
-* ``compute_losses(labeled, unlabeled)`` — returns the total loss and the scalars to log;
+* ``compute_losses(labeled, unlabeled)`` — returns :class:`LossParts`: the supervised term, the weighted
+  unsupervised term and the scalars to log (the base minimises their sum and measures the ratio of their gradients);
 * ``after_optimizer_step()`` — anything beyond the EMA updates, which the base does;
 * ``ssl_state_dict()`` / ``load_ssl_state_dict()`` — state beyond the registered models, for exact ``--c``;
 * ``inference_network()`` — the model written to ``network_weights`` for ``nnUNetv2_predict``.
@@ -17,14 +18,16 @@ with its optimiser, e.g. SynFoC's SAM). ``forward_labeled_and_unlabeled`` and ``
 pass and nnU-Net's loss that most methods start from; training/losses.py holds the unsupervised terms.
 
 The base class owns the unlabeled data stream, the ramp-up schedule as a function of training progress t/T,
-the optimiser step(s) with nnU-Net's AMP/clipping, checkpointing, logging and settings bookkeeping.
+the optimiser step(s) with nnU-Net's AMP/clipping, checkpointing, logging and settings bookkeeping. Once per epoch it
+also measures how strongly the unsupervised term pulls on the student compared with the supervised one
+(``grad_ratio_unsup_sup``, see :meth:`nnUNetTrainerSemiSupervised.gradient_norm_ratio`).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,8 +48,30 @@ from nnunet_foundation.training.settings import (SettingsError, comparable_setti
                                                  resolve_settings)
 from nnunet_foundation.training.unlabeled_stream import (UnlabeledDataLoader, describe_transforms, split_batch_size,
                                                          split_training_transforms)
-from nnunet_foundation.training.views import strong_views
+from nnunet_foundation.training.views import (REFERENCE_STRENGTH, StrongViewStrength, feature_dropout_stream,
+                                              strong_views)
 from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, collect_unlabeled_cases
+
+
+#: per-epoch log key of ||grad of the weighted unsupervised term|| / ||grad of the supervised term|| (student)
+GRAD_RATIO_KEY = "grad_ratio_unsup_sup"
+
+
+class LossParts(NamedTuple):
+    """What ``compute_losses`` returns; the trainer minimises ``supervised + unsupervised``.
+
+    ``supervised``: the terms learned from ground-truth labels (nnU-Net's loss of every trained network);
+    ``unsupervised``: every semi-supervised term, *already multiplied by its weight* (consistency, pseudo-labels,
+    co-training, foundation-model guidance), so that the sum is the loss; ``logs``: the scalars of ``ssl_log_keys``.
+    The two are kept apart so that the base can measure the ratio of their gradients on the student.
+    """
+    supervised: torch.Tensor
+    unsupervised: torch.Tensor
+    logs: Dict[str, float]
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.supervised + self.unsupervised
 
 
 def rampup(progress: float, length: float = 1.0, shape: str = "exp") -> float:
@@ -82,6 +107,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     #: N > 0: the unlabeled stream gives the weak view ('data': geometric transforms only) and the base adds
     #: 'strong': N strong photometric views of it (training/views.py); 0: 'data' has all of nnU-Net's transforms
     num_strong_views: int = 0
+    #: what ``network_weights`` holds (``inference_network``), in words for reports (the benchmark's)
+    exported_model: str = "student"
+    #: the random ranges of those strong views (training/views.py); SynFoC uses its reference's
+    strong_view_strength: StrongViewStrength = REFERENCE_STRENGTH
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -93,7 +122,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         for name, where in sorted(not_used.items()):  # settings of other trainers in the same shell / config file
             self.print_to_log_file(f"Setting '{name}' ({where}) belongs to other trainers of this package; "
                                    f"not used by {mro_names[0]}.")
-        self.logger.local_logger = SSLLocalLogger(self.ssl_log_keys)
+        self.logger.local_logger = SSLLocalLogger(self.ssl_log_keys, ratio_keys=(GRAD_RATIO_KEY,))
         self.ssl_iteration = 0  # optimiser steps taken so far, across epochs and resumptions
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size = None
@@ -103,6 +132,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self._trained_modules: List[Tuple[torch.optim.Optimizer, nn.Module]] = []
         self._ssl_state_restored = False
         self._grad_clip_norm = 12  # nnU-Net's value
+        self._grad_ratio_due = False  # measure the gradient-norm ratio at the next step (the first of each epoch)
+        self._epoch_grad_ratio = math.nan
 
     # ------------------------------------------------------------------------------------------------ hooks
     def build_ssl_modules(self) -> None:
@@ -114,10 +145,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         for ema in self.ema_teachers.values():
             ema.copy_student()
 
-    def compute_losses(self, labeled: dict, unlabeled: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Return (total loss, scalars to log). ``labeled``: {'data', 'target'} on the device; ``unlabeled``:
-        {'data', and with ``num_strong_views`` 'strong': a list of strong views} on the device. Runs under autocast
-        on CUDA."""
+    def compute_losses(self, labeled: dict, unlabeled: dict) -> LossParts:
+        """Return ``LossParts(supervised, weighted unsupervised, scalars to log)``. ``labeled``: {'data', 'target'}
+        on the device; ``unlabeled``: {'data', and with ``num_strong_views`` 'strong': a list of strong views} on
+        the device. Runs under autocast on CUDA."""
         raise NotImplementedError(f"{type(self).__name__} is the semi-supervised base class; train one of its "
                                   f"methods instead, e.g. nnUNetTrainerMeanTeacher or nnUNetTrainerCPS.")
 
@@ -198,6 +229,16 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         outputs = self.as_list((network or self.network)(torch.cat((x_labeled, x_unlabeled))))
         n = x_labeled.shape[0]
         return [o[:n] for o in outputs], [o[n:] for o in outputs]
+
+    def forward_with_feature_dropout(self, x_labeled: torch.Tensor, x_unlabeled: torch.Tensor, p: float = 0.5,
+                                     network: Optional[nn.Module] = None):
+        """:meth:`forward_labeled_and_unlabeled` plus a feature-perturbed stream of the unlabeled patches (UniMatch):
+        (labeled outputs, unlabeled outputs, unlabeled outputs decoded from encoder features with channel dropout
+        ``p``), one encoder pass for all three (training/views.py ``feature_dropout_stream``)."""
+        n = x_labeled.shape[0]
+        clean, perturbed = feature_dropout_stream(network or self.network, torch.cat((x_labeled, x_unlabeled)), p,
+                                                  first=n)
+        return [o[:n] for o in clean], [o[n:] for o in clean], perturbed
 
     def supervised_loss(self, outputs_labeled: List[torch.Tensor], target) -> torch.Tensor:
         """nnU-Net's own loss (with its deep-supervision weights) on the labeled outputs of one network."""
@@ -323,6 +364,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # self.network.train()
+        self._grad_ratio_due, self._epoch_grad_ratio = True, math.nan
         for opt, module in self.extra_optimizers():
             module.train()
             # same schedule as nnU-Net's optimiser
@@ -343,13 +385,17 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             unlabeled["pseudo_label"] = self._to_device(unlabeled_batch["pseudo_label"])
         if self.num_strong_views:
             with torch.no_grad():
-                unlabeled["strong"] = strong_views(unlabeled["data"], self.num_strong_views)
+                unlabeled["strong"] = strong_views(unlabeled["data"], self.num_strong_views, self.strong_view_strength)
 
         pairs = [(self.optimizer, self.network)] + self.extra_optimizers()
         for opt, _ in pairs:
             opt.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss, logs = self.compute_losses(labeled, unlabeled)
+            parts = self.compute_losses(labeled, unlabeled)
+        loss, logs = parts.total, parts.logs
+        if self._grad_ratio_due:
+            self._grad_ratio_due = False
+            self._epoch_grad_ratio = self.gradient_norm_ratio(parts)
 
         # one GradScaler for all optimisers is PyTorch's documented multi-optimiser AMP recipe
         if self.grad_scaler is not None:
@@ -373,17 +419,49 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         out.update({k: float(v) for k, v in logs.items()})
         return out
 
+    def gradient_norm_ratio(self, parts: LossParts) -> float:
+        """||d unsupervised / d theta|| / ||d supervised / d theta|| over all trainable parameters theta of the
+        student (``self.network``), on the current batch, with the weight of the unsupervised term included.
+
+        All parameters rather than a subset such as the last decoder stages: the supervised gradient needs a backward
+        through the whole network anyway, and this runs on one batch per epoch, so the two extra backward passes
+        cost well under 1% of training. ``torch.autograd.grad`` returns the gradients without accumulating them
+        into ``.grad``, so the step's own backward is unaffected, and DDP's reducer (which hooks gradient
+        accumulation) does not all-reduce them: each process measures its own batch and the epoch's value is the
+        mean over processes. Under AMP both terms are scaled by the GradScaler's factor, which cancels in the ratio,
+        so small fp16 gradients do not underflow; an overflow gives NaN. Methods with extra trained modules (CPS's
+        second network, SynFoC's SAM) are measured on the student only: that is the network that is exported.
+        """
+        params = [p for p in self.network.parameters() if p.requires_grad]
+
+        def norm(term) -> float:
+            if not (torch.is_tensor(term) and term.requires_grad):
+                return 0.0  # a constant term (e.g. a method that skipped its unsupervised term) moves nothing
+            scaled = self.grad_scaler.scale(term) if self.grad_scaler is not None else term
+            grads = torch.autograd.grad(scaled, params, retain_graph=True, allow_unused=True)
+            return float(torch.sqrt(sum(((g.float() ** 2).sum() for g in grads if g is not None),
+                                        torch.zeros((), device=scaled.device))))
+
+        supervised, unsupervised = norm(parts.supervised), norm(parts.unsupervised)
+        ratio = unsupervised / supervised if supervised > 0 else math.nan
+        return ratio if math.isfinite(ratio) else math.nan
+
+    def _epoch_mean(self, value: float) -> float:
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, value)
+            value = float(np.nanmean(gathered))
+        return value
+
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         for key in self.ssl_log_keys:
             values = [o[key] for o in train_outputs if key in o]
-            value = float(np.mean(values)) if values else math.nan
-            if self.is_ddp:
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, value)
-                value = float(np.nanmean(gathered))
-            self.logger.log(key, value, self.current_epoch)
-        summary = ", ".join(f"{k} {self.logger.get_value(k, step=-1):.4g}" for k in self.ssl_log_keys)
+            self.logger.log(key, self._epoch_mean(float(np.mean(values)) if values else math.nan), self.current_epoch)
+        # measured on one batch (not in train_outputs: nnU-Net collates the keys of the first output from all)
+        self.logger.log(GRAD_RATIO_KEY, self._epoch_mean(self._epoch_grad_ratio), self.current_epoch)
+        summary = ", ".join(f"{k} {self.logger.get_value(k, step=-1):.4g}"
+                            for k in (*self.ssl_log_keys, GRAD_RATIO_KEY))
         self.print_to_log_file(f"semi-supervised: {summary} (t/T {self.progress:.3f})")
 
     # ------------------------------------------------------------------------------ inference network

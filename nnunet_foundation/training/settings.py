@@ -89,6 +89,12 @@ SETTING_RULES: Dict[str, tuple] = {
     "prompt_points": ("range", 1, None, "positive (and as many negative) points per class and slice"),
     "prompt_tokens": ("range", 1, None, "learned prompt tokens per class"),
     "prompt_token_channels": ("range", 0, None, "0 = the prompt embedding's width"),
+    "feature_dropout": ("below", 0.0, 1.0, "a dropout probability"),
+    "strong_view_weight": ("range", 0.0, None, "the weight of each image-level strong view"),
+    "feature_stream_weight": ("range", 0.0, None, "the weight of the feature-perturbation stream"),
+    "cutmix_probability": ("range", 0.0, 1.0, "a probability"),
+    "cutmix_min_area": ("range", 0.0, 1.0, "a fraction of the patch"),
+    "cutmix_max_area": ("range", 0.0, 1.0, "a fraction of the patch"),
 }
 
 
@@ -120,11 +126,12 @@ def package_trainer_classes() -> list:
     import pkgutil
 
     import nnunet_foundation.methods as methods
+    from nnunet_foundation.training.baselines import nnUNetTrainerEMA
     from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
 
     for module in pkgutil.walk_packages(methods.__path__, methods.__name__ + "."):
         importlib.import_module(module.name)
-    classes, pending = [], [nnUNetTrainerSemiSupervised]
+    classes, pending = [], [nnUNetTrainerSemiSupervised, nnUNetTrainerEMA]
     while pending:
         cls = pending.pop()
         classes.append(cls)

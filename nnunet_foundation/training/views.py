@@ -9,16 +9,26 @@ The perturbation is always on, at the strength of the semi-supervised references
 colour jitter + blur) carried over to z-scored medical intensities: per sample, brightness and contrast factors from
 U(0.5, 1.5), a gamma from U(0.7, 1.5) on the intensity range, a Gaussian blur of sigma U(0.1, 1.5) voxels, and
 Gaussian noise of variance U(0, 0.1) (nnU-Net's noise range). Geometry is left alone, so a pseudo-label of the weak
-view is a voxel-wise target for every strong view.
+view is a voxel-wise target for every strong view. A method may ask for other ranges (``strong_view_strength``):
+SynFoC uses its reference's :data:`SYNFOC_STRENGTH`.
+
+Feature perturbation (UniMatch's third stream) is a view too, made inside the network: :func:`feature_dropout_stream`
+runs the student once and returns its outputs for the clean features and for channel-dropped-out copies of the
+encoder's features (every skip connection and the bottleneck), via a forward hook on nnU-Net's encoder, so nnU-Net's
+network class is used as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from nnunet_foundation.training.networks import unwrap_network
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,11 @@ class StrongViewStrength:
 
 
 REFERENCE_STRENGTH = StrongViewStrength()
+#: SynFoC's strong view (MQinghe/SynFoC ``train.py``, grayscale datasets): brightness and contrast from U(0.1, 2) and
+#: a Gaussian blur, always on, no gamma and no noise. Its blur is SimCLR's (kernel 10% of the image, sigma
+#: U(0.1, 2.0) pixels); here sigma U(0.1, 2.0) voxels with a kernel of +-3 sigma.
+SYNFOC_STRENGTH = StrongViewStrength(brightness=(0.1, 2.0), contrast=(0.1, 2.0), gamma=(1.0, 1.0),
+                                     blur_sigma=(0.1, 2.0), noise_variance=(0.0, 0.0))
 
 
 def _uniform(low_high: Tuple[float, float], shape, like: torch.Tensor) -> torch.Tensor:
@@ -69,16 +84,58 @@ def strong_view(x: torch.Tensor, strength: StrongViewStrength = REFERENCE_STRENG
     mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
     x = (x - mean) * _per_sample(x, strength.contrast) + mean
     # gamma on the intensity range of each image and channel, which is restored afterwards
-    low = x.amin(dim=tuple(range(2, x.ndim)), keepdim=True)
-    span = (x.amax(dim=tuple(range(2, x.ndim)), keepdim=True) - low).clamp_min(1e-6)
-    x = ((x - low) / span).clamp(0, 1) ** _per_sample(x, strength.gamma) * span + low
+    if strength.gamma != (1.0, 1.0):
+        low = x.amin(dim=tuple(range(2, x.ndim)), keepdim=True)
+        span = (x.amax(dim=tuple(range(2, x.ndim)), keepdim=True) - low).clamp_min(1e-6)
+        x = ((x - low) / span).clamp(0, 1) ** _per_sample(x, strength.gamma) * span + low
     x = gaussian_blur(x, _uniform(strength.blur_sigma, (x.shape[0],), x))
+    if strength.noise_variance == (0.0, 0.0):
+        return x
     return x + torch.randn_like(x) * _per_sample(x, strength.noise_variance).sqrt()
 
 
 def strong_views(x: torch.Tensor, count: int, strength: StrongViewStrength = REFERENCE_STRENGTH) -> List[torch.Tensor]:
     """``count`` independent strong views of the same weak view."""
     return [strong_view(x, strength) for _ in range(count)]
+
+
+def channel_dropout(features: torch.Tensor, p: float) -> torch.Tensor:
+    """``nn.Dropout2d``/``Dropout3d`` in training mode for ``(B, C, *spatial)``: each channel of each sample is zeroed
+    with probability ``p``, the others scaled by 1 / (1 - p) (UniMatch's feature perturbation)."""
+    keep = torch.rand(features.shape[:2] + (1,) * (features.ndim - 2), device=features.device) >= p
+    return features * keep.to(features.dtype) / (1.0 - p)
+
+
+@contextlib.contextmanager
+def _encoder_features_dropped_out(network: nn.Module, p: float, first: int):
+    """While active, nnU-Net's encoder returns each of its features (skips and bottleneck) ``f`` as
+    ``cat(f, channel_dropout(f[first:]))``: the decoder then decodes the clean batch and a perturbed copy of its
+    samples from ``first`` on in one pass. A hook on the unwrapped network's ``encoder`` (the attribute of nnU-Net's
+    PlainConvUNet / ResidualEncoderUNet) leaves the network class, DDP and its weights alone."""
+    encoder = unwrap_network(network).encoder
+
+    def perturb(module, inputs, output):
+        features = list(output) if isinstance(output, (list, tuple)) else [output]
+        perturbed = [torch.cat((f, channel_dropout(f[first:], p))) for f in features]
+        return perturbed if isinstance(output, (list, tuple)) else perturbed[0]
+
+    handle = encoder.register_forward_hook(perturb)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def feature_dropout_stream(network: nn.Module, x: torch.Tensor, p: float = 0.5, first: int = 0
+                           ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """One pass of ``network`` over ``x`` with one encoder pass: (outputs for ``x``, outputs for ``x[first:]`` decoded
+    from encoder features with channel dropout ``p``), each a list over deep-supervision scales. UniMatch's
+    feature-perturbation stream (its official code drops out every encoder feature with ``Dropout2d(0.5)``)."""
+    with _encoder_features_dropped_out(network, p, first):
+        outputs = network(x)
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    n = x.shape[0]
+    return [o[:n] for o in outputs], [o[n:] for o in outputs]
 
 
 def random_boxes(shape: Tuple[int, ...], batch: int, generator: Optional[torch.Generator] = None,
@@ -108,5 +165,5 @@ def paste_boxes(box: torch.Tensor, background: torch.Tensor, pasted: torch.Tenso
     return torch.where(inside, pasted, background)
 
 
-__all__ = ["StrongViewStrength", "REFERENCE_STRENGTH", "gaussian_blur", "strong_view", "strong_views",
-           "random_boxes", "paste_boxes"]
+__all__ = ["StrongViewStrength", "REFERENCE_STRENGTH", "SYNFOC_STRENGTH", "gaussian_blur", "strong_view",
+           "strong_views", "channel_dropout", "feature_dropout_stream", "random_boxes", "paste_boxes"]

@@ -54,7 +54,7 @@ from nnunet_foundation.foundation.cotrained_sam import SAM_CONFIG_KEY, SAM_NETWO
 from nnunet_foundation.methods.scsam.prompting import add_prompt_tokens, prompted_patch_logits
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import ce_dice, entropy, over_scales
-from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised, rampup
+from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised, rampup
 
 # backends whose image encoder takes LoRA and whose prompt encoder and decoder are SAM's (SynFoC's list)
 LORA_BACKENDS = ("sam", "medsam", "litemedsam")
@@ -174,12 +174,14 @@ class nnUNetTrainerSCSAM(nnUNetTrainerSemiSupervised):
         s = self.ssl_settings
         t = self.scsam_terms(labeled, unlabeled)
         weight, sam_weight = self.unsup_weight(), self.sam_unsup_weight()
-        unet_loss = t["unet_supervised"] + weight * t["unet_pseudo"] + s["entropy_weight"] * t["entropy"]
+        unet_unsupervised = weight * t["unet_pseudo"] + s["entropy_weight"] * t["entropy"]
         sam_loss = t["sam_supervised"] + sam_weight * t["sam_pseudo"]
-        return unet_loss + sam_loss, {
+        # each model's own loss is its supervised part plus its part of the unsupervised sum (no shared parameters)
+        supervised = t["unet_supervised"] + t["sam_supervised"]
+        return LossParts(supervised, unet_unsupervised + sam_weight * t["sam_pseudo"], {
             "unsup_loss": t["unet_pseudo"].detach(), "unsup_weight": weight, "entropy": t["entropy"].detach(),
             "sam_loss": sam_loss.detach(), "sam_unsup_loss": t["sam_pseudo"].detach(),
-            "sam_unsup_weight": sam_weight, "agreement": (t["unet_argmax"] == t["sam_argmax"]).float().mean()}
+            "sam_unsup_weight": sam_weight, "agreement": (t["unet_argmax"] == t["sam_argmax"]).float().mean()})
 
     # -------------------------------------------------------------------------------------------- checkpoint
     def ssl_state_dict(self):

@@ -101,17 +101,26 @@ def copy_paste(unlabeled: torch.Tensor, labeled: torch.Tensor, labels: torch.Ten
 def cdcr_loss(probs_unet: torch.Tensor, probs_sam: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Consensus-Divergence Consistency Regularisation on the two students' predictions of the mixed image.
 
-    Where their argmaxes agree (consensus), both are made confident: the sum of their entropies; where they disagree,
-    their probability maps are pulled together: the mean over classes of the squared difference (a positive term: the
-    paper prints a minus sign in front, a typo, since maximising the difference would push the models apart).
-    Each term is averaged over its own voxels; returns (loss, {"consensus", "divergence", "agreement"}).
+    Where their argmaxes agree (consensus), both are made confident: the mean of their entropies; where they
+    disagree, their probability maps are pulled together: the squared difference (a positive term: the paper prints a
+    minus sign in front, a typo, since maximising the difference would push the models apart).
+
+    Normalised as the official code (MQinghe/SynFoC, ``train.py``) does: each masked elementwise map is averaged over
+    *all* B x K x voxels, not over the voxels of its own mask, so with S = B K N::
+
+        consensus  = (sum_v [agree] H(p_U) + sum_v [agree] H(p_S)) / (2 S)
+        divergence = sum_v [disagree] sum_k (p_U,k - p_S,k)^2 / S
+
+    Each term therefore shrinks with the fraction of voxels it covers (a few disagreeing voxels pull weakly), where
+    normalising by the mask's own voxel count would give them the weight of the whole patch.
+    Returns (loss, {"consensus", "divergence", "agreement"}).
     """
     agree = probs_unet.argmax(1) == probs_sam.argmax(1)
     agree_f = agree.float()
-    n_agree, n_disagree = agree_f.sum(), (1 - agree_f).sum()
+    elements = probs_unet.numel()  # B x K x voxels: the reference's .mean() over the masked (B, K, *spatial) maps
     entropies = (entropy(probs_unet) + entropy(probs_sam))[:, 0]
-    consensus = (entropies * agree_f).sum() / n_agree.clamp_min(1)
-    squared = ((probs_unet - probs_sam) ** 2).mean(1)
-    divergence = (squared * (1 - agree_f)).sum() / n_disagree.clamp_min(1)
+    consensus = (entropies * agree_f).sum() / (2 * elements)
+    squared = ((probs_unet - probs_sam) ** 2).sum(1)
+    divergence = (squared * (1 - agree_f)).sum() / elements
     return consensus + divergence, {"consensus": consensus.detach(), "divergence": divergence.detach(),
                                     "agreement": agree_f.mean().detach()}

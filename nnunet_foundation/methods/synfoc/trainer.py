@@ -13,8 +13,8 @@ from nnunet_foundation.methods.synfoc.math import ALPHA_STRATEGIES, alpha_for, c
 from nnunet_foundation.methods.synfoc.sam_student import SAM_CONFIG_KEY, SAM_STUDENT_KEY, SAM_TEACHER_KEY
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import ce_dice
-from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
-from nnunet_foundation.training.views import random_boxes
+from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
+from nnunet_foundation.training.views import SYNFOC_STRENGTH, random_boxes
 
 # backends whose image encoder takes LoRA (SAM ViT, TinyViT) and whose decoder takes the multi-class head
 LORA_BACKENDS = ("sam", "medsam", "litemedsam")
@@ -26,15 +26,19 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
 
     Per iteration: the teachers predict the weak unlabeled view; alpha (``alpha_strategy``, default SMC) fuses their
     probabilities into one pseudo-label with a confidence mask (> ``confidence_threshold``); a random box of a labeled
-    image is pasted into the strong view (training/views.py; ground truth inside, confident everywhere inside); both students learn the
-    labeled batch (nnU-Net's loss; CE + Dice for SAM) and the mixed image (masked CE + Dice), plus CDCR between them;
-    the unlabeled terms are weighted by ``unsup_weight * exp(-5 (1 - t/T)^2)``. SAM's trainable parts use AdamW
+    image is pasted into the strong view (training/views.py ``SYNFOC_STRENGTH``, the reference's: brightness and
+    contrast U(0.1, 2) and a blur, always on; ground truth inside the box, confident everywhere inside); both students
+    learn the labeled batch (nnU-Net's loss; CE + Dice for SAM) and the mixed image (masked CE + Dice), plus CDCR
+    between them (averaged over all B x K x voxels, as the reference); the unlabeled terms are weighted by
+    ``unsup_weight * exp(-5 (1 - t/T)^2)``. SAM's trainable parts use AdamW
     (``sam_lr``, ``sam_weight_decay``) following nnU-Net's poly schedule. ``network_weights`` holds the nnU-Net
     student (what ``nnUNetv2_predict`` runs); the SAM student/teacher (trainable parts), the nnU-Net teacher and the
     AdamW state are kept in the checkpoint for ``--c``.
     """
 
     num_strong_views = 1
+    # the reference's strong view: brightness and contrast U(0.1, 2) and a blur, always on (training/views.py)
+    strong_view_strength = SYNFOC_STRENGTH
     default_settings = {
         **nnUNetTrainerSemiSupervised.default_settings,
         "unsup_weight": 1.0,
@@ -65,7 +69,9 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
     def _sam_config(self) -> dict:
         from nnunet_foundation.foundation.config import resolve_generalists
 
-        adapted = {"lora_rank": self.ssl_settings["lora_rank"], "train_decoder": True, "multiclass_head": True,
+        # LoRA scaling alpha / rank = 1 as in the reference (its LoRA_Sam adds B(A(x)) unscaled)
+        rank = self.ssl_settings["lora_rank"]
+        adapted = {"lora_rank": rank, "lora_alpha": float(rank), "train_decoder": True, "multiclass_head": True,
                    "num_classes": self.label_manager.num_segmentation_heads}
         spacing = self.configuration_manager.spacing if len(self.configuration_manager.patch_size) == 3 else None
         (config,) = resolve_generalists(self.ssl_settings["generalists"], type(self).__name__, spacing=spacing,
@@ -131,9 +137,9 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         unsupervised = pseudo_terms + cdcr
         weight = self.unsup_weight()
         alpha_log = float(alpha.nanmean()) if not torch.isnan(alpha).all() else math.nan
-        return supervised_unet + supervised_sam + weight * unsupervised, {
+        return LossParts(supervised_unet + supervised_sam, weight * unsupervised, {
             "unsup_loss": unsupervised.detach(), "unsup_weight": weight, "alpha": alpha_log,
-            "confident_fraction": conf_unet.float().mean(), "agreement": parts["agreement"]}
+            "confident_fraction": conf_unet.float().mean(), "agreement": parts["agreement"]})
 
     # -------------------------------------------------------------------------------------------- checkpoint
     def ssl_state_dict(self):  # the base adds both EMA teachers
