@@ -7,7 +7,8 @@
 #    writes the splits without training anything): Dataset150_Polyps at 128 px, fold 1 = 4 labeled Kvasir-SEG images
 #    (seed 0), its unlabeled pool of 949 Kvasir-SEG and CVC-ClinicDB images;
 # 2. the prompting specialist: that fold's labeled-only nnU-Net (nnUNetTrainer_cpu2dpolyps, the study's budget:
-#    500 iterations at batch 4), trained through the benchmark's own job line (which also scores it on the test set);
+#    500 iterations at batch 4; its last weights, as when the table was measured: --no-ema-baselines), trained
+#    through the benchmark's own job line (which also scores it on the test set);
 # 3. generalist-quality on images of fold 1's unlabeled pool (never seen by the specialist, labels used only to
 #    score): 40 Kvasir-SEG (in-domain: every 14th by name) and 20 CVC-ClinicDB (cross-domain: every 16th by name),
 #    LiteMedSAM prompted from the labels (oracle), by the specialist (plain and one prompt per component filtered by
@@ -28,7 +29,7 @@ sed -n '/^echo "== \[$(elapsed)\] benchmark/q;p' "$HERE/polyps.sh" > "$OUTPUT/pr
 bash "$OUTPUT/prepare.sh" cpu cpu2dpolyps "$OUTPUT/study"
 ARGS=(-d 150 -c 2d --labeled 2 4 8 --seeds 0 1 --other-seeds-at 4 --num-val 4 --test-fraction kvasir=0.25 cvc=0.33
       --test-seed 0 --labeled-domain kvasir --trainers nnUNetTrainerMeanTeacher nnUNetTrainerCPS --budget cpu2dpolyps
-      --tolerance 2 --device cpu -np 2 --output "$OUTPUT/study")
+      --tolerance 2 --device cpu -np 2 --output "$OUTPUT/study" --no-ema-baselines)
 nnunet-foundation benchmark "${ARGS[@]}" --print-commands > "$OUTPUT/study.jobs.sh"
 nnunet-foundation benchmark "${ARGS[@]}" --run labeled-4_seed-0_nnUNetTrainer_cpu2dpolyps
 
