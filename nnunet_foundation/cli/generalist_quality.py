@@ -29,11 +29,15 @@ def register(subparsers) -> None:
                         "(so 'specialist' is measured on cases it has not seen)")
     p.add_argument("--num-cases", type=int, default=20, help="how many cases when --cases is not given")
     p.add_argument("--modes", nargs="+", default=None,
-                   choices=("oracle", "specialist", "proposals", "proposals-head"),
+                   choices=("oracle", "specialist", "proposals", "proposals-head", "localiser", "localiser-alone"),
                    help="prompting modes (default: oracle, plus specialist when -tr is given); 'proposals': the "
                         "generalist segments a grid of boxes and the specialist's agreement picks the objects; "
                         "'proposals-head': a small head on the generalist's embedding, fitted on the labeled "
-                        "training cases of --head-fold, picks them (foundation/proposals.py)")
+                        "training cases of --head-fold, picks them (foundation/proposals.py); 'localiser': the "
+                        "generalist prompted by a copy of itself fine-tuned (LoRA, decoder, multi-class head) on "
+                        "those labeled cases, 'localiser-alone': that copy's own map (foundation/localiser.py)")
+    p.add_argument("--localiser-steps", type=int, default=60,
+                   help="training steps (batch 4) of the fine-tuned localiser")
     p.add_argument("--head-fold", type=int, default=None,
                    help="fold of splits_final.json whose training (labeled) cases fit the proposals-head "
                         "(default: the first -f)")
@@ -81,9 +85,9 @@ def run(args) -> int:
         head_fold = args.head_fold if args.head_fold is not None else \
             (int(args.f[0]) if str(args.f[0]).isdigit() else None)
         head_cases = []
-        if "proposals-head" in modes:
+        if {"proposals-head", "localiser", "localiser-alone"} & set(modes):
             if head_fold is None:
-                raise KeyError("proposals-head needs --head-fold: the fold whose labeled cases fit the head")
+                raise KeyError("proposals-head and localiser need --head-fold: the fold whose labeled cases fit them")
             head_cases = load_json(os.path.join(base, "splits_final.json"))[head_fold]["train"]
             overlap = sorted(set(head_cases) & set(cases))
             if overlap:
@@ -101,10 +105,13 @@ def run(args) -> int:
         generalist = build_generalist(config).to(device)
         segmenters = _proposers(generalist, modes, proposal_overrides, folder, head_cases, specialist,
                                 max(classes) + 1)
+        segmenters.update(_localisers(generalist, config, modes, folder, head_cases, max(classes) + 1,
+                                      args.localiser_steps, device))
         rows = evaluate_generalist(generalist, load_preprocessed_cases(folder, cases), classes, specialist, modes,
                                    segmenters=segmenters)
         for r in rows:
-            r.name = "nnU-Net" if r.mode == "specialist alone" else name
+            r.name = "nnU-Net" if r.mode == "specialist alone" else \
+                f"{name}, fine-tuned on the labeled cases" if r.mode == "localiser-alone" else name
         # the prompting model alone is the same row for every generalist: report it once
         results += [r for r in rows if not (r.mode == "specialist alone" and
                                             any(o.mode == "specialist alone" for o in results))]
@@ -126,3 +133,23 @@ def _proposers(generalist, modes, overrides: dict, folder: str, head_cases, spec
     return {mode: build_proposer(generalist, "head" if mode == "proposals-head" else "agreement", overrides, folder,
                                  head_cases, specialist, num_classes, shared_cache=shared)
             for mode in modes if mode in ("proposals", "proposals-head")}
+
+
+def _localisers(generalist, config: dict, modes, folder: str, head_cases, num_classes: int, steps: int,
+                device) -> dict:
+    """The fine-tuned localiser's modes: the generalist prompted by it, and its own map."""
+    wanted = [m for m in modes if m in ("localiser", "localiser-alone")]
+    if not wanted:
+        return {}
+    from nnunet_foundation.foundation.localiser import (LocaliserPrompted, fine_tune_localiser, labeled_slices,
+                                                        localiser_prompting_model)
+    from nnunet_foundation.foundation.quality import load_preprocessed_cases
+
+    print(f"== fine-tuning a localiser on {len(head_cases)} labeled case(s), {steps} steps")
+    from nnunet_foundation.foundation.geometry import choose_slice_axis
+
+    # the generalist's own slicing: the configured axis, else the lowest-resolution one
+    axis = config["axis"] if config.get("axis") is not None else choose_slice_axis(config.get("spacing"))
+    slices = labeled_slices(load_preprocessed_cases(folder, head_cases), axis, config.get("image_channel", 0))
+    predict = localiser_prompting_model(fine_tune_localiser(config, slices, num_classes, steps=steps, device=device))
+    return {m: LocaliserPrompted(generalist, predict, alone=m == "localiser-alone") for m in wanted}

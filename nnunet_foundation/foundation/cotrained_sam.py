@@ -26,6 +26,23 @@ SAM_STUDENT_KEY = "sam_student"
 SAM_TEACHER_KEY = "sam_teacher"
 SAM_CONFIG_KEY = "sam_config"
 SAM_NETWORK_KEY = "sam_network"
+#: backends whose image encoder takes LoRA and whose prompt encoder / decoder are SAM's (the co-trained models)
+LORA_BACKENDS = ("sam", "medsam", "litemedsam")
+
+
+def resolve_cotrained_generalist(setting, owner: str, configuration_manager) -> dict:
+    """The one generalist configuration a co-training method fine-tunes, from its ``generalists`` setting (default
+    LiteMedSAM): exactly one, of a LoRA-capable backend, sliced along the plan's lowest-resolution axis in 3D."""
+    from nnunet_foundation.foundation.config import resolve_generalists
+
+    spacing = configuration_manager.spacing if len(configuration_manager.patch_size) == 3 else None
+    (config,) = resolve_generalists(setting, owner, spacing=spacing, exactly_one=True)
+    if config["backend"] not in LORA_BACKENDS:
+        raise ValueError(f"{owner}: LoRA fine-tuning is implemented for the {LORA_BACKENDS} backends, not "
+                         f"{config['backend']!r}")
+    return config
+
+
 #: name in ``ssl_state[SAM_NETWORK_KEY]`` -> the class (imported lazily) that predicts with that SAM. A checkpoint
 #: without the key is SynFoC's (written before the key existed).
 SAM_NETWORKS = {

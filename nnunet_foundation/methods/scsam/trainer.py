@@ -50,14 +50,13 @@ import math
 
 import torch
 
-from nnunet_foundation.foundation.cotrained_sam import SAM_CONFIG_KEY, SAM_NETWORK_KEY, SAM_STUDENT_KEY
+from nnunet_foundation.foundation.cotrained_sam import (SAM_CONFIG_KEY, SAM_NETWORK_KEY, SAM_STUDENT_KEY,
+                                                        resolve_cotrained_generalist)
 from nnunet_foundation.methods.scsam.prompting import add_prompt_tokens, prompted_patch_logits
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import ce_dice, entropy, over_scales
 from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised, rampup
 
-# backends whose image encoder takes LoRA and whose prompt encoder and decoder are SAM's (SynFoC's list)
-LORA_BACKENDS = ("sam", "medsam", "litemedsam")
 #: ssl_state key of the prompting settings the prediction network needs (num_classes, points, tokens)
 PROMPTING_KEY = "sam_prompting"
 
@@ -98,14 +97,8 @@ class nnUNetTrainerSCSAM(nnUNetTrainerSemiSupervised):
                           "channels": s["prompt_token_channels"] or None}
 
     def _sam_config(self) -> dict:
-        from nnunet_foundation.foundation.config import resolve_generalists
-
-        spacing = self.configuration_manager.spacing if len(self.configuration_manager.patch_size) == 3 else None
-        (config,) = resolve_generalists(self.ssl_settings["generalists"], type(self).__name__, spacing=spacing,
-                                        exactly_one=True)
-        if config["backend"] not in LORA_BACKENDS:
-            raise ValueError(f"{type(self).__name__}: LoRA fine-tuning is implemented for the {LORA_BACKENDS} "
-                             f"backends, not {config['backend']!r}")
+        config = resolve_cotrained_generalist(self.ssl_settings["generalists"], type(self).__name__,
+                                              self.configuration_manager)
         # the prompt encoder and decoder learn from SC-SAM's own prompts: the config's prompt settings are unused
         return {**config, "lora_rank": self.ssl_settings["lora_rank"], "train_decoder": True,
                 "multiclass_head": False, "num_classes": self.label_manager.num_segmentation_heads}

@@ -10,14 +10,13 @@ import math
 import torch
 
 from nnunet_foundation.methods.synfoc.math import ALPHA_STRATEGIES, alpha_for, cdcr_loss, copy_paste, targets_for
+from nnunet_foundation.foundation.cotrained_sam import resolve_cotrained_generalist
 from nnunet_foundation.methods.synfoc.sam_student import SAM_CONFIG_KEY, SAM_STUDENT_KEY, SAM_TEACHER_KEY
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import ce_dice
 from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
 from nnunet_foundation.training.views import SYNFOC_STRENGTH, random_boxes
 
-# backends whose image encoder takes LoRA (SAM ViT, TinyViT) and whose decoder takes the multi-class head
-LORA_BACKENDS = ("sam", "medsam", "litemedsam")
 
 
 class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
@@ -67,18 +66,12 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         self.sam_config = self._sam_config()
 
     def _sam_config(self) -> dict:
-        from nnunet_foundation.foundation.config import resolve_generalists
-
         # LoRA scaling alpha / rank = 1 as in the reference (its LoRA_Sam adds B(A(x)) unscaled)
         rank = self.ssl_settings["lora_rank"]
         adapted = {"lora_rank": rank, "lora_alpha": float(rank), "train_decoder": True, "multiclass_head": True,
                    "num_classes": self.label_manager.num_segmentation_heads}
-        spacing = self.configuration_manager.spacing if len(self.configuration_manager.patch_size) == 3 else None
-        (config,) = resolve_generalists(self.ssl_settings["generalists"], type(self).__name__, spacing=spacing,
-                                        exactly_one=True)
-        if config["backend"] not in LORA_BACKENDS:
-            raise ValueError(f"{type(self).__name__}: LoRA fine-tuning is implemented for the {LORA_BACKENDS} "
-                             f"backends, not {config['backend']!r}")
+        config = resolve_cotrained_generalist(self.ssl_settings["generalists"], type(self).__name__,
+                                              self.configuration_manager)
         return {**config, **adapted}
 
     # --------------------------------------------------------------------------------------------- modules
