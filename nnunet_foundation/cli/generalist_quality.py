@@ -57,9 +57,10 @@ def run(args) -> int:
     from nnunet_foundation.specialist import load_specialist
 
     modes = args.modes or (["oracle", "specialist"] if args.tr else ["oracle"])
-    if any(m != "oracle" for m in modes) and not args.tr:
-        print(f"error: mode(s) {', '.join(m for m in modes if m != 'oracle')} need the trained model that prompts: "
-              f"-tr TRAINER [-f FOLD]", file=sys.stderr)
+    prompted = [m for m in modes if m in ("specialist", "proposals", "proposals-head")]
+    if prompted and not args.tr:
+        print(f"error: {', '.join(prompted)}: each of these modes needs the trained model that prompts: -tr TRAINER "
+              f"[-f FOLD]", file=sys.stderr)
         return 2
     try:
         proposal_overrides = json.loads(args.proposal_settings) if args.proposal_settings else {}

@@ -13,6 +13,9 @@ generalist), each generalist segments every slice of the case, prompted in up to
     the generalist proposes regions everywhere from a grid of boxes, and the specialist's agreement (or a small
     head fitted on the prompting model's labeled cases) decides which are objects (foundation/proposals.py): the
     lever against a specialist that misses objects.
+``localiser`` / ``localiser-alone``
+    a copy of the generalist fine-tuned on those labeled cases (foundation/localiser.py) prompts the frozen
+    generalist, or is scored by its own map; no specialist needed.
 
 3D cases are sliced along the generalist's axis (the plan's lowest-resolution axis unless configured); a 2d
 configuration is sliced along axis 0, as nnU-Net's 2d configuration does. Results: Dice per class and mode, encoder
@@ -31,6 +34,8 @@ import torch
 
 MODES = ("oracle", "specialist")
 PROPOSAL_MODES = ("proposals", "proposals-head")
+#: modes whose segmenter prompts from a model of its own (foundation/localiser.py), not from the specialist
+SELF_PROMPTED_MODES = ("localiser", "localiser-alone")
 
 
 @dataclass
@@ -105,6 +110,8 @@ def evaluate_generalist(generalist, cases, classes: Dict[int, str], specialist: 
         for mode in modes:
             if mode == "oracle":
                 probs = one_hot(seg, num_classes)
+            elif specialist is None and mode in SELF_PROMPTED_MODES:
+                probs = None  # the segmenter brings its own prompting model
             else:
                 if specialist is None:
                     raise ValueError(f"mode {mode!r} needs a trained nnU-Net model (-tr, -f)")
