@@ -70,11 +70,11 @@ def fine_tune_localiser(config: dict, slices: List[Tuple[torch.Tensor, torch.Ten
                 image, label = image.flip(-1), label.flip(-1)
             images.append(image)
             labels.append(label)
-        x = torch.stack(images)[:, None].to(device)  # (B, 1, h, w): the head reads config.image_channel = 0
-        y = torch.stack(labels).to(device)
         with torch.enable_grad():
-            logits = generalist.multiclass_head.segment_patches(generalist, x)
-            loss = ce_dice(logits.float(), y)
+            # one slice at a time: slices of one dataset may differ in size (2D images); the encoder resizes each
+            # to its own input size anyway, so batching would save nothing but the Python loop
+            loss = sum(ce_dice(generalist.multiclass_head.segment_patches(generalist, x[None, None].to(device))
+                               .float(), y[None].to(device)) for x, y in zip(images, labels)) / len(images)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
