@@ -105,13 +105,16 @@ class nnUNetTrainerSCSAM(nnUNetTrainerSemiSupervised):
 
     # --------------------------------------------------------------------------------------------- modules
     def build_ssl_modules(self):
-        from nnunet_foundation.foundation.config import build_generalist
+        from nnunet_foundation.foundation.config import build_generalist, describe_generalist
 
         p = self.prompting
         self.sam = add_prompt_tokens(build_generalist(self.sam_config), p["num_classes"], p["num_tokens"],
                                      p["channels"]).to(self.device)
         self.optimizer_sam = torch.optim.Adam(self.sam.trainable_parameters(), lr=self.ssl_settings["sam_lr"])
         self.add_trained_module(self.sam, self.optimizer_sam)
+        self.print_to_log_file(f"SC-SAM generalist (LoRA rank {self.ssl_settings['lora_rank']} on the image encoder, "
+                               f"prompt encoder, decoder and prompt tokens trained): "
+                               f"{describe_generalist(self.sam_config)}")
 
     def sam_logits(self, images: torch.Tensor, specialist_argmax: torch.Tensor) -> torch.Tensor:
         p = self.prompting

@@ -76,7 +76,7 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
 
     # --------------------------------------------------------------------------------------------- modules
     def build_ssl_modules(self):
-        from nnunet_foundation.foundation.config import build_generalist
+        from nnunet_foundation.foundation.config import build_generalist, describe_generalist
         from nnunet_foundation.foundation.lora import trainable_parameter_groups
 
         decay = self.ssl_settings["ema_decay"]
@@ -90,6 +90,8 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
             g["lr_scale"] = self.ssl_settings["sam_lr"] / self.initial_lr
         self.optimizer_sam = torch.optim.AdamW(groups)
         self.add_trained_module(self.sam_student, self.optimizer_sam)
+        self.print_to_log_file(f"SynFoC SAM student (LoRA rank {self.ssl_settings['lora_rank']} on the image encoder, "
+                               f"decoder and multi-class head trained): {describe_generalist(self.sam_config)}")
 
     def sam_logits(self, generalist, x: torch.Tensor) -> torch.Tensor:
         return generalist.multiclass_head.segment_patches(generalist, x)
