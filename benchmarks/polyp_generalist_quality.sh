@@ -13,7 +13,8 @@
 #    score): 40 Kvasir-SEG (in-domain: every 14th by name) and 20 CVC-ClinicDB (cross-domain: every 16th by name),
 #    LiteMedSAM prompted from the labels (oracle), by the specialist (plain and one prompt per component filtered by
 #    score), and by region proposals (agreement, and a head fitted on the 4 labeled images);
-#    reports in OUTPUT/{kvasir,kvasir_components,cvc,cvc_components}.
+#    and (Kvasir-SEG only) a copy of LiteMedSAM fine-tuned on the 4 labeled images;
+#    reports in OUTPUT/{kvasir,kvasir_components,kvasir_localiser,cvc,cvc_components}.
 #
 # Needs nnUNet_raw, nnUNet_preprocessed, nnUNet_results exported (POLYPS_DATA: the data folder). About 1.5 h on two
 # idle CPU cores, most of it the region proposals (38 decoder passes per image).
@@ -54,4 +55,7 @@ for domain in kvasir cvc; do
     nnunet-foundation generalist-quality "${MODEL[@]}" --cases "${CASES[@]}" --modes specialist \
         --generalists "$COMPONENTS" -o "$OUTPUT/${domain}_components"
 done
-echo "done: $OUTPUT/{kvasir,kvasir_components,cvc,cvc_components}/generalist_quality.md"
+# lever 4: a copy of LiteMedSAM fine-tuned on the 4 labeled images (60 steps), alone and prompting the frozen one
+nnunet-foundation generalist-quality "${MODEL[@]}" --cases "${KVASIR[@]}" --modes localiser localiser-alone \
+    -o "$OUTPUT/kvasir_localiser"
+echo "done: $OUTPUT/{kvasir,kvasir_components,kvasir_localiser,cvc,cvc_components}/generalist_quality.md"

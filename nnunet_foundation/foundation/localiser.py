@@ -79,7 +79,7 @@ def fine_tune_localiser(config: dict, slices: List[Tuple[torch.Tensor, torch.Ten
             loss.backward()
             optimiser.step()
         if step == 1 or step % 10 == 0 or step == steps:
-            progress(f"  localiser step {step}/{steps}: CE + Dice {float(loss):.3f}")
+            progress(f"  localiser step {step}/{steps}: CE + Dice {float(loss.detach()):.3f}")
     return generalist.train(False)
 
 
