@@ -62,10 +62,12 @@ def run(args) -> int:
         print(f"error: {', '.join(prompted)}: each of these modes needs the trained model that prompts: -tr TRAINER "
               f"[-f FOLD]", file=sys.stderr)
         return 2
+    from nnunet_foundation.foundation.proposals import ProposalSettings
     try:
         proposal_overrides = json.loads(args.proposal_settings) if args.proposal_settings else {}
-    except json.JSONDecodeError as e:
-        print(f"error: --proposal-settings is not JSON: {e}", file=sys.stderr)
+        ProposalSettings(**proposal_overrides)  # checked here, before any model is loaded (as pseudo-label does)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        print(f"error: --proposal-settings: {e}", file=sys.stderr)
         return 2
     try:
         dataset, base, _, configuration = load_configuration(args.d, args.p, args.c)
