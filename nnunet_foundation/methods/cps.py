@@ -6,9 +6,17 @@ unlabeled batch — and, as in the paper, on the labeled batch too (``cps_on_lab
 at every deep-supervision scale with nnU-Net's scale weights and ramped up over training progress.
 
 The second network is set up like nnU-Net's own (its optimiser from ``configure_optimizers``, nnU-Net's schedule).
-Inference uses the first network (``network_weights``); the second is kept in the checkpoint for ``--c``. With
-``-pretrained_weights`` only the first network starts from them: two identical starts would make the cross
-supervision vanish.
+Inference uses the first network (``network_weights``); the second is kept in the checkpoint for ``--c``.
+
+Starting from pretrained weights (``nnUNetv2_train ... -pretrained_weights FILE``, e.g. from nnU-Net's
+self-supervised pretraining or a bigger model; nnU-Net loads them into the first network after ``initialize()``):
+with ``pretrained_start`` = ``perturbed_copy`` (default) the second network starts from the same weights plus
+Gaussian noise of ``pretrained_perturbation`` x each tensor's standard deviation. The two must differ: CPS learns from
+where the networks disagree, and two identical networks agree everywhere, so each would only be told its own argmax
+(self-training with hard labels, which confirms its mistakes). A fresh second network (``fresh``, the behaviour
+without pretrained weights) would differ but throw away the pretraining for half of the pair. Whether weights were
+loaded is seen, not configured: the first network's weights at train start are compared with those ``initialize()``
+built.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import torch
 
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import cross_entropy, over_scales
+from nnunet_foundation.training.networks import unwrap_network
 from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
 
 
@@ -25,11 +34,39 @@ class nnUNetTrainerCPS(nnUNetTrainerSemiSupervised):
         # SSL4MIS's CPS weight for medical segmentation (the paper's 1.5 is for Cityscapes/VOC)
         "unsup_weight": 0.1,
         "cps_on_labeled": True,
+        # after -pretrained_weights: network B = those weights + noise ('perturbed_copy') or a fresh init ('fresh')
+        "pretrained_start": "perturbed_copy",
+        "pretrained_perturbation": 0.05,
     }
     ssl_log_keys = ("unsup_loss", "unsup_weight", "agreement")
 
     def build_ssl_modules(self):
+        if self.ssl_settings["pretrained_start"] not in ("perturbed_copy", "fresh"):
+            raise ValueError(f"{type(self).__name__}: setting 'pretrained_start' must be 'perturbed_copy' or 'fresh', "
+                             f"got {self.ssl_settings['pretrained_start']!r}")
         self.network_b, self.optimizer_b = self.build_extra_network("network_b_weights")
+        # what initialize() built, to see at train start whether nnU-Net loaded -pretrained_weights over it
+        self._initial_weights_a = {k: v.detach().clone() for k, v in unwrap_network(self.network).state_dict().items()}
+
+    def sync_ssl_modules_with_network(self):
+        super().sync_ssl_modules_with_network()
+        net_a = unwrap_network(self.network)
+        initial, self._initial_weights_a = self._initial_weights_a, None
+        pretrained = any(not torch.equal(v, initial[k]) for k, v in net_a.state_dict().items())
+        if not pretrained or self.ssl_settings["pretrained_start"] != "perturbed_copy":
+            return
+        scale = self.ssl_settings["pretrained_perturbation"]
+        net_b = unwrap_network(self.network_b)
+        net_b.load_state_dict(net_a.state_dict())
+        # the same seeded noise on every DDP rank, so that the ranks' copies of network B stay identical
+        generator = torch.Generator().manual_seed(20210301)
+        with torch.no_grad():
+            for p in net_b.parameters():
+                if p.numel() > 1:  # a tensor's spread sets its noise; scalars and norms' single values are kept
+                    noise = torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype)
+                    p.add_(noise * p.std() * scale)
+        self.print_to_log_file(f"CPS: network A starts from the pretrained weights, network B from the same weights "
+                               f"+ Gaussian noise of {scale} x each tensor's std (pretrained_start='perturbed_copy')")
 
     def compute_losses(self, labeled, unlabeled):
         x_l, x_u, target = labeled["data"], unlabeled["data"], labeled["target"]
