@@ -20,14 +20,15 @@ from nnunet_foundation.evaluation import gap_closed
 e2e = pytest.mark.e2e
 
 CONFIGURATION = "3d_fullres"
-BENCHMARK_ARGS = ["nnunet-foundation", "benchmark", "-d", SYNTHETIC_ID, "-c", CONFIGURATION, "--labeled", 2, 4,
+# one labeled count keeps the real trainings to three (both bounds and one SSL row); nested folds of several labeled
+# counts are checked on the plan, where nothing trains
+BENCHMARK_ARGS = ["nnunet-foundation", "benchmark", "-d", SYNTHETIC_ID, "-c", CONFIGURATION, "--labeled", 2,
                   "--seeds", 0, "--num-val", 2, "--test-cases", 2, "--trainers", "nnUNetTrainerMeanTeacher",
                   "--budget", "smoke", "--device", "cpu"]
 # both bounds train nnUNetTrainerEMA by default: an EMA export like Mean Teacher's teacher (--no-ema-baselines:
 # nnUNetTrainer)
 BASELINE = "nnUNetTrainerEMA_smoke"
 RUN_IDS = [f"labeled-2_seed-0_{BASELINE}", "labeled-2_seed-0_nnUNetTrainerMeanTeacher_smoke",
-           f"labeled-4_seed-0_{BASELINE}", "labeled-4_seed-0_nnUNetTrainerMeanTeacher_smoke",
            f"labeled-all_seed-0_{BASELINE}"]
 
 
@@ -61,6 +62,12 @@ def test_plan_has_both_bounds_and_every_ssl_trainer_per_fold(make_benchmark):
         else:
             assert len(fold["train"]) == run.num_labeled
             assert run.trainer == (BASELINE if run.role == LOWER else f"{run.method}_smoke")
+    # per seed, the 2 labeled cases are among the 4 (a bigger labeled set only adds cases) and the unlabeled pool is
+    # the rest of the training cases
+    for seed_folds in (bench.folds[:3], bench.folds[3:]):
+        two, four, full = seed_folds
+        assert set(two["train"]) < set(four["train"]) and full["unlabeled"] == []
+        assert set(two["train"]) | set(two["unlabeled"]) == set(four["train"]) | set(four["unlabeled"])
     assert sorted(r.method for r in bench.runs if r.role == SSL and r.fold == 0) == \
         ["nnUNetTrainerCPS", "nnUNetTrainerMeanTeacher"]
     # the command written into job scripts and reports reproduces exactly these settings
@@ -156,7 +163,7 @@ def test_job_script_has_one_self_contained_job_per_run(make_benchmark):
 # ------------------------------------------------------------------------------ end to end: real trainings
 @pytest.fixture(scope="module")
 def benchmark(synthetic_dataset, tmp_path_factory):
-    """One benchmark run (5 smoke trainings) on a private copy of the synthetic tree, shared by this module."""
+    """One benchmark run (3 smoke trainings) on a private copy of the synthetic tree, shared by this module."""
     root = tmp_path_factory.mktemp("benchmark") / "tree"
     env = copy_nnunet_tree(synthetic_dataset, root)
     raw_before = tree_digest(Path(env["nnUNet_raw"]))
@@ -179,12 +186,12 @@ def test_held_out_test_set_is_in_no_fold_and_folds_have_the_promised_sizes(bench
     all_cases = sorted(p.name[:-len(".nii.gz")] for p in (benchmark["root"] / "nnUNet_raw" / SYNTHETIC_NAME /
                                                           "labelsTr").glob("*.nii.gz"))
     assert len(test) == 2 and set(test) <= set(all_cases)
-    assert len(folds) == 3  # 2 labeled, 4 labeled, all labeled (seed 0)
+    assert len(folds) == 2  # 2 labeled, all labeled (seed 0)
     for fold in folds:
         assert not set(test) & (set(fold["train"]) | set(fold["val"]) | set(fold["unlabeled"]))
         assert not set(fold["train"]) & set(fold["unlabeled"]) and not set(fold["val"]) & set(fold["train"])
-    two, four, full = folds
-    assert (len(two["train"]), len(four["train"])) == (2, 4) and set(two["train"]) < set(four["train"])
+    two, full = folds
+    assert len(two["train"]) == 2
     assert full["unlabeled"] == [] and set(full["train"]) == set(all_cases) - set(test) - set(full["val"])
     # the test images given to nnUNetv2_predict are exactly the held-out cases; the raw dataset was only read
     assert sorted(p.name[:-len(".nii.gz")] for p in (out / "test_data" / "labelsTs").iterdir()) == test
@@ -195,7 +202,7 @@ def test_held_out_test_set_is_in_no_fold_and_folds_have_the_promised_sizes(bench
     for run in results["runs"]:
         assert sorted(c["case"] for c in run["evaluation"]["per_case"]) == test
     # every training really used its fold: nnU-Net logs the split sizes it trained and validated on
-    sizes = {"labeled-2": 2, "labeled-4": 4, "labeled-all": len(full["train"])}
+    sizes = {"labeled-2": 2, "labeled-all": len(full["train"])}
     for run_id in RUN_IDS:
         log = (out / "logs" / f"{run_id}.train.log").read_text()
         assert f"This split has {sizes[run_id.split('_')[0]]} training and 2 validation cases" in log
@@ -233,7 +240,7 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
     assert set(table) == {BASELINE, "nnUNetTrainerMeanTeacher_smoke"}
     # the report says which model each row's predictions came from
     assert f"`{BASELINE}`: EMA of the weights" in report and "`nnUNetTrainerMeanTeacher_smoke`: EMA teacher" in report
-    for trainer, columns in ((BASELINE, ["2", "4", "all"]), ("nnUNetTrainerMeanTeacher_smoke", ["2", "4"])):
+    for trainer, columns in ((BASELINE, ["2", "all"]), ("nnUNetTrainerMeanTeacher_smoke", ["2"])):
         for i, column in enumerate(columns):
             run_id = f"labeled-{column}_seed-0_{trainer}"
             per_case = [np.mean([m["Dice"] for m in c["metrics"].values()])
@@ -244,9 +251,9 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
             assert _cell_mean(table[trainer][i]) == pytest.approx(aggregate["mean"], abs=5e-4)
     # gap closed = (ssl - lower) / (upper - lower) on the runs' means
     mean = {k: v["evaluation"]["foreground_mean"]["Dice"]["mean"] for k, v in runs.items()}
-    for n in ("2", "4"):
+    for n in ("2",):
         expected = gap_closed(mean[f"labeled-{n}_seed-0_nnUNetTrainerMeanTeacher_smoke"],
-                              mean[f"labeled-{n}_seed-0_{BASELINE}"], mean[RUN_IDS[4]])
+                              mean[f"labeled-{n}_seed-0_{BASELINE}"], mean[RUN_IDS[2]])
         got = results["gap_closed"]["nnUNetTrainerMeanTeacher_smoke"][n]["Dice"]["per_seed"]["0"]
         assert (math.isnan(expected) and got is None or math.isnan(got)) if math.isnan(expected) else \
             got == pytest.approx(expected)
@@ -256,9 +263,9 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
 def test_rerun_skips_finished_runs_and_trains_nothing(benchmark):
     before = checkpoints(benchmark["results_dir"])
     results_before = (benchmark["out"] / "results.json").read_text()
-    assert len(before) == 5
+    assert len(before) == 3
     proc = run_cli(BENCHMARK_ARGS + ["--output", benchmark["out"]], benchmark["env"])
-    assert proc.stdout.count("finished earlier, skipped") == 5
+    assert proc.stdout.count("finished earlier, skipped") == 3
     assert "training:" not in proc.stdout and "nnUNetv2_train" not in proc.stdout
     assert checkpoints(benchmark["results_dir"]) == before
     # same numbers; only the machine/command record may be rewritten
@@ -270,7 +277,8 @@ def test_rerun_skips_finished_runs_and_trains_nothing(benchmark):
 def test_other_split_options_are_refused_without_force(benchmark):
     splits = benchmark["preprocessed"] / "splits_final.json"
     content = splits.read_text()
-    args = [a if a != 4 else 3 for a in BENCHMARK_ARGS]  # --labeled 2 3: other folds
+    at = BENCHMARK_ARGS.index("--labeled") + 1
+    args = BENCHMARK_ARGS[:at] + [3] + BENCHMARK_ARGS[at + 1:]  # --labeled 3: other folds
     proc = run_cli(args + ["--output", benchmark["out"]], benchmark["env"], check=False)
     assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
     assert splits.read_text() == content
@@ -300,7 +308,7 @@ def test_cluster_flow_refuses_unknown_trainings_then_adopts_runs_one_job_and_rep
     assert proc.returncode == 2 and "--adopt-existing" in proc.stderr and "fold_0" in proc.stderr
     proc = run_cli(BENCHMARK_ARGS + ["--output", out2, "--print-commands", "--adopt-existing"], env)
     jobs = [line for line in proc.stdout.splitlines() if line.startswith("nnunet-foundation") and "--run" in line]
-    assert len(jobs) == 5 and "export nnUNet_results=" in proc.stdout
+    assert len(jobs) == 3 and "export nnUNet_results=" in proc.stdout
     # one job line, as a cluster would run it: predicts and evaluates (the training exists), trains nothing
     job = shlex.split(jobs[1])
     assert job[job.index("--run") + 1] == RUN_IDS[1]
@@ -309,5 +317,5 @@ def test_cluster_flow_refuses_unknown_trainings_then_adopts_runs_one_job_and_rep
     proc = run_cli(BENCHMARK_ARGS + ["--output", out2, "--report-only"], env)
     results = json.loads((out2 / "results.json").read_text())
     assert [r["run"]["run_id"] for r in results["runs"]] == [RUN_IDS[1]]
-    assert len(results["missing_runs"]) == 4 and "Incomplete" in (out2 / "report.md").read_text()
+    assert len(results["missing_runs"]) == 2 and "Incomplete" in (out2 / "report.md").read_text()
     assert checkpoints(benchmark["results_dir"]) == before

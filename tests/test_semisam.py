@@ -256,29 +256,28 @@ def test_semisam_with_sam2_trains_2d_through_the_cli(synthetic_dataset, checkpoi
     assert all(v > 0 for v in ckpt["logging"]["generalist_seconds"])
 
 
-@pytest.mark.e2e
-def test_one_shell_configures_every_trainer(synthetic_dataset, checkpoints, tmp_path):
-    """Mean Teacher, CPS and SemiSAM trained one after the other with the same environment, which holds SemiSAM's
-    generalists: the others log the setting as not theirs; a misspelled name still stops a run with the valid names."""
-    env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
-    preprocess_unlabeled_cli(env, ("2d",))
-    env["nnUNet_ssl_generalists"] = sam_setting(checkpoints)
-    env["nnUNet_ssl_ema_decay"] = "0.95"  # Mean Teacher's and SemiSAM's; CPS has no teacher
-    for trainer in ("nnUNetTrainerMeanTeacher_smoke", "nnUNetTrainerCPS_smoke", SEMISAM):
-        proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", trainer, "-device", "cpu"], env)
-        folder = Path(env["nnUNet_results"]) / "Dataset900_Synthetic" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
-        assert (folder / "checkpoint_final.pth").is_file()
-        recorded = json.loads((folder / "ssl_settings.json").read_text())["settings"]
-        if trainer == SEMISAM:
-            assert recorded["generalists"]["backend"] == "sam" and recorded["ema_decay"] == 0.95
+def test_one_shell_configures_every_trainer(trainer_factory, checkpoints, monkeypatch, capsys):
+    """Mean Teacher, CPS and SemiSAM built by nnU-Net's trainer lookup in one environment, which holds SemiSAM's
+    generalists: the others log the setting as not theirs; a misspelled name still stops a run with the valid names.
+    (The settings are resolved when nnU-Net builds the trainer; the CLI trainings of each trainer are tested
+    elsewhere, so no training is repeated here.)"""
+    monkeypatch.setenv("nnUNet_ssl_generalists", sam_setting(checkpoints))
+    monkeypatch.setenv("nnUNet_ssl_ema_decay", "0.95")  # Mean Teacher's and SemiSAM's; CPS has no teacher
+    for trainer_name in ("nnUNetTrainerMeanTeacher_smoke", "nnUNetTrainerCPS_smoke", SEMISAM):
+        capsys.readouterr()
+        trainer = trainer_factory(trainer_name, "2d")
+        printed = capsys.readouterr().out
+        if trainer_name == SEMISAM:
+            assert trainer.ssl_settings["generalists"]["backend"] == "sam" and trainer.ssl_settings["ema_decay"] == 0.95
+            assert "belongs to other trainers" not in printed
         else:
-            assert "generalists" not in recorded
+            assert "generalists" not in trainer.ssl_settings
             assert "Setting 'generalists' (environment variable nnUNet_ssl_generalists) belongs to other " \
-                   "trainers" in proc.stdout
-        if trainer == "nnUNetTrainerCPS_smoke":
-            assert "Setting 'ema_decay'" in proc.stdout
-    typo = {**env, "nnUNet_ssl_generalist": env["nnUNet_ssl_generalists"]}
-    proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 1, "-tr", "nnUNetTrainerMeanTeacher_smoke", "-device",
-                    "cpu"], typo, check=False)
-    assert proc.returncode != 0
-    assert "unknown setting 'generalist'" in proc.stdout + proc.stderr and "Valid settings:" in proc.stdout + proc.stderr
+                   "trainers" in printed
+        if trainer_name == "nnUNetTrainerCPS_smoke":
+            assert "ema_decay" not in trainer.ssl_settings and "Setting 'ema_decay'" in printed
+        else:
+            assert trainer.ssl_settings["ema_decay"] == 0.95
+    monkeypatch.setenv("nnUNet_ssl_generalist", sam_setting(checkpoints))  # typo: 'generalist'
+    with pytest.raises(Exception, match="unknown setting 'generalist'(.|\n)*Valid settings:"):
+        trainer_factory("nnUNetTrainerMeanTeacher_smoke", "2d", fold=1)

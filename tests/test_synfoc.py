@@ -81,17 +81,10 @@ def train_until_first_checkpoint(command: list, env: dict, checkpoint: Path, tim
             proc.wait()
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
-def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_checkpoint, tmp_path, configuration):
-    checkpoint_bytes = sam_checkpoint.read_bytes()
-    env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
-    preprocess_unlabeled_cli(env, (configuration,))
-    env["nnUNet_ssl_generalists"] = json.dumps({"backend": "sam", "model_type": "tiny",
-                                               "checkpoint": str(sam_checkpoint)})
-    train = ["nnUNetv2_train", SYNTHETIC_ID, configuration, 0, "-tr", SYNFOC, "-device", "cpu"]
-    out = folder(env, configuration)
-    # interrupt a real run after its first epoch (its first checkpoint_best.pth), then resume it with --c
+def check_interrupted_run_resumes_exactly(train: list, env: dict, out: Path, tmp_path: Path) -> dict:
+    """Interrupt a real run after its first epoch (its first checkpoint_best.pth), resume it with --c, and check that
+    counters, logs and the SAM teacher continued and that --c from the final checkpoint restores every part exactly.
+    Returns the final checkpoint."""
     interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
     assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
     assert not (out / "checkpoint_final.pth").exists()
@@ -105,23 +98,14 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     # the SAM teacher kept training after the resume (it is not left at the interrupted state)
     assert any(not torch.equal(ssl["sam_teacher"][k], interrupted["ssl_state"]["sam_teacher"][k])
                for k in ssl["sam_teacher"])
-    logging = final["logging"]
-    assert all(0.0 <= a <= 1.0 for a in logging["alpha"]) and all(0 <= f <= 1 for f in logging["agreement"])
-    # only LoRA, prompt encoder/decoder and head weights are in the SAM state, and they moved from their start
-    names = list(ssl["sam_student"])
-    assert names and all(".lora_" in n or n.startswith(("sam.prompt_encoder.", "sam.mask_decoder.",
-                                                         "multiclass_head.")) for n in names)
-    assert any(".lora_b_" in n and ssl["sam_student"][n].abs().sum() > 0 for n in names)  # B starts at 0
-    assert sam_checkpoint.read_bytes() == checkpoint_bytes  # the SAM checkpoint file is only read
 
-    # --c from the final checkpoint restores every part exactly (re-saved state equals the loaded one)
     from nnunetv2.run.run_training import get_trainer_from_args
     import os
 
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        trainer = get_trainer_from_args(str(SYNTHETIC_ID), configuration, 0, SYNFOC, device=torch.device("cpu"))
+        trainer = get_trainer_from_args(str(SYNTHETIC_ID), train[2], 0, SYNFOC, device=torch.device("cpu"))
         trainer.load_checkpoint(str(out / "checkpoint_final.pth"))
         trainer.save_checkpoint(str(tmp_path / "again.pth"))
     finally:
@@ -135,13 +119,43 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
         assert_tensors_equal(final[key], again[key])
     for key in ("teacher_weights", "sam_student", "sam_teacher", "extra_optimizer_states", "iteration"):
         assert_tensors_equal(ssl[key], again["ssl_state"][key])
+    return final
 
-    pred = tmp_path / "pred"
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_checkpoint, tmp_path, configuration):
+    checkpoint_bytes = sam_checkpoint.read_bytes()
+    env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
+    preprocess_unlabeled_cli(env, (configuration,))
+    env["nnUNet_ssl_generalists"] = json.dumps({"backend": "sam", "model_type": "tiny",
+                                               "checkpoint": str(sam_checkpoint)})
+    train = ["nnUNetv2_train", SYNTHETIC_ID, configuration, 0, "-tr", SYNFOC, "-device", "cpu"]
+    out = folder(env, configuration)
+    # kill + --c, exact reload and stock prediction are the engine's, the same in 2d and 3d: checked once, in 2d (CI
+    # time); 3d_fullres checks what differs there, SAM slice-wise in training and in predict-sam-student
+    if configuration == "2d":
+        final = check_interrupted_run_resumes_exactly(train, env, out, tmp_path)
+    else:
+        run_cli(train, env)
+        final = load(out / "checkpoint_final.pth")
+    ssl = final["ssl_state"]
+    assert final["current_epoch"] == 2 and ssl["iteration"] == 8
+    logging = final["logging"]
+    assert all(0.0 <= a <= 1.0 for a in logging["alpha"]) and all(0 <= f <= 1 for f in logging["agreement"])
+    # only LoRA, prompt encoder/decoder and head weights are in the SAM state, and they moved from their start
+    names = list(ssl["sam_student"])
+    assert names and all(".lora_" in n or n.startswith(("sam.prompt_encoder.", "sam.mask_decoder.",
+                                                         "multiclass_head.")) for n in names)
+    assert any(".lora_b_" in n and ssl["sam_student"][n].abs().sum() > 0 for n in names)  # B starts at 0
+    assert sam_checkpoint.read_bytes() == checkpoint_bytes  # the SAM checkpoint file is only read
     env_predict = {k: v for k, v in env.items() if k != "nnUNet_ssl_generalists"}
-    run_cli(["nnUNetv2_predict", "-i", str(Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"), "-o",
-             str(pred), "-d", SYNTHETIC_ID, "-c", configuration, "-tr", SYNFOC, "-f", 0, "-device", "cpu",
-             "--disable_progress_bar"], env_predict)
-    assert len(list(pred.glob("*.nii.gz"))) == 2
+    if configuration == "2d":
+        pred = tmp_path / "pred"
+        run_cli(["nnUNetv2_predict", "-i", str(Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"),
+                 "-o", str(pred), "-d", SYNTHETIC_ID, "-c", configuration, "-tr", SYNFOC, "-f", 0, "-device", "cpu",
+                 "--disable_progress_bar"], env_predict)
+        assert len(list(pred.glob("*.nii.gz"))) == 2
 
     # the SAM student through nnU-Net's predictor: one segmentation per case on the input's grid
     import SimpleITK as sitk
@@ -154,13 +168,17 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     assert "2 case(s) segmented by the SAM student" in proc.stdout
     labels = set(json.loads((Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "dataset.json").read_text())
                  ["labels"].values())
-    for case in sorted(pred.glob("*.nii.gz")):
-        ours, reference = sitk.ReadImage(str(sam_pred / case.name)), sitk.ReadImage(str(case))
+    inputs = sorted(images.glob("*_0000.nii.gz"))
+    assert sorted(p.name for p in sam_pred.glob("*.nii.gz")) == [p.name.replace("_0000", "") for p in inputs]
+    for image in inputs:
+        ours, reference = sitk.ReadImage(str(sam_pred / image.name.replace("_0000", ""))), sitk.ReadImage(str(image))
         assert ours.GetSize() == reference.GetSize() and ours.GetSpacing() == reference.GetSpacing()
         assert ours.GetOrigin() == reference.GetOrigin()
         assert set(sitk.GetArrayFromImage(ours).ravel().tolist()) <= labels
+    if configuration != "2d":
+        return
 
-    # clear errors: base weights moved away, and a checkpoint without a fine-tuned SAM
+    # clear errors (the same code in 2d and 3d): base weights moved away, and a checkpoint without a fine-tuned SAM
     missing = tmp_path / "moved" / "tiny_sam.pth"
     proc = run_cli(command + ["--sam-checkpoint", missing], env_predict, check=False)
     assert proc.returncode == 2 and str(missing) in proc.stderr and "--sam-checkpoint" in proc.stderr
