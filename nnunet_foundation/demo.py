@@ -1,8 +1,15 @@
-"""The demo: labeled-only nnU-Net vs a semi-supervised trainer on a generated dataset, with the real nnU-Net commands.
+"""The demo: labeled-only nnU-Net, a semi-supervised trainer and SemiSAM guided by the real LiteMedSAM, on a generated
+dataset whose few labeled images do not show how the other images look (nnunet_foundation/demo_data.py), with the real
+nnU-Net commands.
 
 Everything happens in a private folder tree (its own nnUNet_raw/_preprocessed/_results), so the user's nnU-Net
 folders are never touched. Each step is the command a user would type, printed before it runs; finished steps are
 skipped when the demo is run again with the same settings, so an interrupted demo resumes.
+
+SemiSAM runs from the offline cache: LiteMedSAM, prompted with the boxes of the labeled-only model's prediction,
+labels every unlabeled image once (``nnunet-foundation pseudo-label``), then SemiSAM trains with those labels as a
+cross-entropy target of weight 1 on top of Mean Teacher. On a CPU that costs one encoder call per unlabeled slice
+instead of one per training iteration.
 """
 from __future__ import annotations
 
@@ -21,7 +28,13 @@ DEMO_DATASET_NAME = f"Dataset{DEMO_DATASET_ID}_Demo"
 MARKER = ".nnunet_foundation_demo"
 # lines of nnU-Net's training output worth showing live; everything goes to the log file
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "semi-supervised:", "Epoch time",
-                    "Unlabeled stream")
+                    "Unlabeled stream", "pseudo-labels from the offline cache")
+LABELED_ONLY = "nnUNetTrainer"
+SEMISAM = "nnUNetTrainerSemiSAM"
+# SemiSAM's settings in the demo: the cached LiteMedSAM labels are a cross-entropy target of full weight for the whole
+# run (the trainer's defaults, a 0.1-weighted MSE that fades, were made for an online generalist whose labels get
+# worse than the specialist's late in training; the cache's were made once and stay as good as they were)
+SEMISAM_SETTINGS = {"sam_loss": "ce", "sam_weight": 1.0, "sam_decay": 0.0, "sam_all_scales": True}
 
 
 class DemoError(RuntimeError):
@@ -35,13 +48,28 @@ class DemoSettings:
     unlabeled: int = 16
     test: int = 6
     budget: str = "demo"
-    configuration: str = "3d_fullres"
+    dimension: str = "2d"
     ssl_trainer: str = "nnUNetTrainerMeanTeacher"
+    semisam: bool = True
     seed: int = 0
 
     @property
+    def configuration(self) -> str:
+        return "2d" if self.dimension == "2d" else "3d_fullres"
+
+    @property
+    def labeled_only(self) -> str:
+        return f"{LABELED_ONLY}_{self.budget}"
+
+    @property
     def trainers(self) -> List[str]:
-        return [f"nnUNetTrainer_{self.budget}", f"{self.ssl_trainer}_{self.budget}"]
+        names = [self.labeled_only, f"{self.ssl_trainer}_{self.budget}"]
+        return names + [f"{SEMISAM}_{self.budget}"] if self.semisam else names
+
+    @property
+    def cache_name(self) -> str:
+        """The pseudo-label cache SemiSAM reads: LiteMedSAM prompted by the labeled-only model (fold 0)."""
+        return f"{self.labeled_only}__nnUNetPlans__fold0"
 
 
 def _prepare_workdir(workdir: Path, settings: DemoSettings) -> None:
@@ -145,87 +173,176 @@ def _plot(results: Dict[str, dict], labels: List[str], path: Path, title: str) -
     plt.close(fig)
 
 
+def _plot_examples(raw: Path, results: Dict[str, dict], path: Path, num_cases: int = 3) -> None:
+    """Rows of test images: the image, the truth, then each trainer's prediction (2D data, or the middle slice)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import SimpleITK as sitk
+
+    def middle(file: Path) -> np.ndarray:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
+        return array[array.shape[0] // 2]
+
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (raw / "labelsTs").glob("*.nii.gz"))[:num_cases]
+    columns = ["image", "truth", *results]
+    fig, axes = plt.subplots(len(cases), len(columns), figsize=(2.2 * len(columns), 2.3 * len(cases)), squeeze=False)
+    for row, case in enumerate(cases):
+        truth = middle(raw / "labelsTs" / f"{case}.nii.gz")
+        panels = [middle(raw / "imagesTs" / f"{case}_0000.nii.gz"), truth]
+        panels += [middle(Path(r["predictions"]) / f"{case}.nii.gz") for r in results.values()]
+        for col, (name, panel) in enumerate(zip(columns, panels)):
+            ax = axes[row, col]
+            if col == 0:
+                ax.imshow(panel, cmap="gray")
+            else:
+                ax.imshow(panel, cmap="viridis", vmin=0, vmax=max(2, int(truth.max())), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name.replace("nnUNetTrainer", "").strip("_") or "labeled-only", fontsize=8)
+        axes[row, 0].set_ylabel(case, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_demo(workdir: str, settings: DemoSettings, device: str) -> dict:
-    from nnunet_foundation.synthetic import write_dataset
     from nnunet_foundation.training.budgets import BUDGETS
 
     if settings.budget not in BUDGETS:
         raise DemoError(f"unknown budget '{settings.budget}'; choose one of {sorted(BUDGETS)}")
     if settings.labeled < 1 or settings.validation < 1 or settings.unlabeled < 1 or settings.test < 1:
         raise DemoError("--labeled, --validation, --unlabeled and --test must each be at least 1")
+    if settings.dimension not in ("2d", "3d"):
+        raise DemoError("--dimension is 2d or 3d")
+    if settings.semisam:
+        from nnunet_foundation.foundation.config import MissingBackendError, backend_spec, require_modules
+
+        try:
+            require_modules(backend_spec("litemedsam").requires, "litemedsam")
+        except MissingBackendError as e:
+            raise DemoError(f"SemiSAM needs LiteMedSAM: {e} (or run the demo with --no-semisam)") from None
     workdir = Path(workdir).resolve()
     _prepare_workdir(workdir, settings)
     env = demo_environment(workdir, device)
     logs = workdir / "logs"
     raw = Path(env["nnUNet_raw"]) / DEMO_DATASET_NAME
+    configuration = settings.configuration
     started = time.time()
+    steps = 7 if settings.semisam else 5
 
-    print(f"[demo] 1/5 dataset: {settings.labeled} labeled + {settings.validation} validation + "
-          f"{settings.unlabeled} unlabeled training scans, {settings.test} test cases -> {raw}", flush=True)
+    print(f"[demo] 1/{steps} dataset ({settings.dimension}): {settings.labeled} labeled + {settings.validation} "
+          f"validation + {settings.unlabeled} unlabeled training images, {settings.test} test images -> {raw}",
+          flush=True)
     if not (raw / "dataset.json").exists():
-        write_dataset(env["nnUNet_raw"], dataset_id=DEMO_DATASET_ID, name="Demo",
-                      num_labeled=settings.labeled + settings.validation, num_unlabeled=settings.unlabeled,
-                      num_test=settings.test, seed=settings.seed)
+        if settings.dimension == "2d":
+            from nnunet_foundation.demo_data import write_demo_dataset
 
-    print("[demo] 2/5 planning and preprocessing (nnU-Net), then the unlabeled scans (same plans)", flush=True)
+            write_demo_dataset(env["nnUNet_raw"], DEMO_DATASET_ID, "Demo", settings.labeled, settings.validation,
+                               settings.unlabeled, settings.test, seed=settings.seed)
+        else:
+            from nnunet_foundation.synthetic import write_dataset
+
+            write_dataset(env["nnUNet_raw"], dataset_id=DEMO_DATASET_ID, name="Demo",
+                          num_labeled=settings.labeled + settings.validation, num_unlabeled=settings.unlabeled,
+                          num_test=settings.test, seed=settings.seed)
+
+    print(f"[demo] 2/{steps} planning and preprocessing (nnU-Net), then the unlabeled images (same plans)", flush=True)
     pre = Path(env["nnUNet_preprocessed"]) / DEMO_DATASET_NAME
-    if not (pre / "nnUNetPlans.json").exists() or not any(pre.glob(f"nnUNetPlans_{settings.configuration}")):
+    if not (pre / "nnUNetPlans.json").exists() or not any(pre.glob(f"nnUNetPlans_{configuration}")):
         # nnUNet_n_proc_DA=0 is fine for training but breaks planning (set_num_threads needs a positive integer)
         plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
-        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DEMO_DATASET_ID), "-c", settings.configuration, "-np", "1"],
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DEMO_DATASET_ID), "-c", configuration, "-np", "1"],
              plan_env, logs / "plan_and_preprocess.log")
-    _run(["nnunet-foundation", "preprocess-unlabeled", "-d", str(DEMO_DATASET_ID), "-c", settings.configuration],
+    _run(["nnunet-foundation", "preprocess-unlabeled", "-d", str(DEMO_DATASET_ID), "-c", configuration],
          env, logs / "preprocess_unlabeled.log")
     _write_split(env, settings)
 
     budget = BUDGETS[settings.budget]
-    print(f"[demo] 3/5 training on {device} with the '{settings.budget}' budget ({budget.description})", flush=True)
     results: Dict[str, dict] = {}
-    for trainer in settings.trainers:
-        out = (Path(env["nnUNet_results"]) / DEMO_DATASET_NAME /
-               f"{trainer}__nnUNetPlans__{settings.configuration}" / "fold_0")
+
+    def train(trainer: str, step: int, extra_env: Dict[str, str] = None) -> None:
+        out = Path(env["nnUNet_results"]) / DEMO_DATASET_NAME / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
+        print(f"[demo] {step}/{steps} training {trainer} on {device} ('{settings.budget}' budget: "
+              f"{budget.description})", flush=True)
         t0 = time.time()
         if (out / "checkpoint_final.pth").exists():
             print(f"    {trainer}: already trained ({out}), skipped", flush=True)
+            previous = _previous_results(workdir).get(trainer, {})
+            seconds = previous.get("train_seconds")
         else:
             resume = ["--c"] if (out / "checkpoint_latest.pth").exists() else []
-            _run(["nnUNetv2_train", str(DEMO_DATASET_ID), settings.configuration, "0", "-tr", trainer,
-                  "-device", device, *resume], env, logs / f"train_{trainer}.log",
+            _run(["nnUNetv2_train", str(DEMO_DATASET_ID), configuration, "0", "-tr", trainer, "-device", device,
+                  *resume], {**env, **(extra_env or {})}, logs / f"train_{trainer}.log",
                  show=lambda line: any(m in line for m in PROGRESS_MARKERS))
-        results[trainer] = {"output_folder": str(out), "train_seconds": round(time.time() - t0, 1)}
+            seconds = round(time.time() - t0, 1)
+        results[trainer] = {"output_folder": str(out), "train_seconds": seconds, "generalist_seconds": 0.0}
 
-    print("[demo] 4/5 predicting the test cases with nnUNetv2_predict", flush=True)
+    train(settings.labeled_only, 3)
+    train(settings.trainers[1], 4)
+    if settings.semisam:
+        print(f"[demo] 5/{steps} LiteMedSAM pseudo-labels of the unlabeled images, prompted by the labeled-only "
+              f"model's boxes", flush=True)
+        done_marker = logs / "pseudo_labels.done"
+        if done_marker.exists():
+            generalist_seconds = json.loads(done_marker.read_text())["seconds"]
+            print("    already labelled, skipped", flush=True)
+        else:
+            t0 = time.time()
+            _run(["nnunet-foundation", "pseudo-label", "-d", str(DEMO_DATASET_ID), "-c", configuration,
+                  "-tr", settings.labeled_only, "-f", "0", "-device", device, "--name", settings.cache_name],
+                 env, logs / "pseudo_label.log", show=lambda line: line.startswith(("pseudo-label:", "done:")))
+            generalist_seconds = round(time.time() - t0, 1)
+            done_marker.write_text(json.dumps({"seconds": generalist_seconds}))
+        semisam_env = {f"nnUNet_ssl_{k}": json.dumps(v) if not isinstance(v, str) else v
+                       for k, v in {**SEMISAM_SETTINGS, "pseudo_labels": settings.cache_name}.items()}
+        train(settings.trainers[2], 6, semisam_env)
+        results[settings.trainers[2]]["generalist_seconds"] = generalist_seconds
+
+    print(f"[demo] {steps - 1}/{steps} predicting the test images with nnUNetv2_predict", flush=True)
     for trainer in settings.trainers:
         pred = workdir / "predictions" / trainer
         if not (pred / "summary.json").exists():
             shutil.rmtree(pred, ignore_errors=True)  # ours (a previous, interrupted prediction), never user data
             _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DEMO_DATASET_ID),
-                  "-c", settings.configuration, "-tr", trainer, "-f", "0", "-chk", "checkpoint_final.pth",
+                  "-c", configuration, "-tr", trainer, "-f", "0", "-chk", "checkpoint_final.pth",
                   "-device", device, "--disable_progress_bar", "-npp", "1", "-nps", "1"],
                  env, logs / f"predict_{trainer}.log")
         results[trainer]["predictions"] = str(pred)
 
-    print("[demo] 5/5 evaluating (Dice per class against labelsTs)", flush=True)
+    print(f"[demo] {steps}/{steps} evaluating (Dice per class against labelsTs)", flush=True)
     labels = {k: v for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items() if v != 0}
     for trainer in settings.trainers:
         results[trainer]["dice"] = _dice(raw / "labelsTs", Path(results[trainer]["predictions"]), labels)
 
     report = {"settings": asdict(settings), "device": device, "budget": budget.description,
+              "semisam_settings": SEMISAM_SETTINGS if settings.semisam else None,
               "results": results, "total_seconds": round(time.time() - started, 1)}
     (workdir / "demo_results.json").write_text(json.dumps(report, indent=2))
-    title = (f"{settings.labeled} labeled + {settings.unlabeled} unlabeled scans, {settings.configuration}, "
+    title = (f"{settings.labeled} labeled + {settings.unlabeled} unlabeled images, {configuration}, "
              f"budget '{settings.budget}' on {device}")
     _plot(results, list(labels), workdir / "demo_results.png", title)
+    _plot_examples(raw, results, workdir / "demo_examples.png")
     print()
     print(format_table(results, list(labels)))
-    print(f"\n{title}. Results: {workdir / 'demo_results.json'}, plot: {workdir / 'demo_results.png'}")
+    print(f"\n{title}. Results: {workdir / 'demo_results.json'}, plots: {workdir / 'demo_results.png'} (Dice), "
+          f"{workdir / 'demo_examples.png'} (test images)")
     return report
 
 
+def _previous_results(workdir: Path) -> Dict[str, dict]:
+    """Training times of an earlier run of the demo in this folder (a skipped training keeps its time)."""
+    record = workdir / "demo_results.json"
+    return json.loads(record.read_text()).get("results", {}) if record.exists() else {}
+
+
 def format_table(results: Dict[str, dict], labels: List[str]) -> str:
-    header = "| trainer | " + " | ".join(f"Dice {l}" for l in labels) + " | mean Dice | training time (s) |"
-    rows = [header, "|" + "---|" * (len(labels) + 3)]
+    header = "| trainer | " + " | ".join(f"Dice {l}" for l in labels) + \
+             " | mean Dice | training time (s) | generalist time (s) |"
+    rows = [header, "|" + "---|" * (len(labels) + 4)]
     for trainer, r in results.items():
+        train_seconds = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         rows.append(f"| {trainer} | " + " | ".join(f"{r['dice'][l]:.3f}" for l in labels) +
-                    f" | {r['dice']['mean']:.3f} | {r['train_seconds']:.0f} |")
+                    f" | {r['dice']['mean']:.3f} | {train_seconds} | {r['generalist_seconds']:.0f} |")
     return "\n".join(rows)
