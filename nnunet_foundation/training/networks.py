@@ -1,8 +1,9 @@
 """Network plumbing shared by the semi-supervised trainers: unwrapping, teachers, EMA."""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Dict
+from typing import Dict, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +20,23 @@ def unwrap_network(network: nn.Module) -> nn.Module:
             network = network._orig_mod
         else:
             return network
+
+
+@contextlib.contextmanager
+def captured_encoder_output(network: nn.Module) -> Iterator[dict]:
+    """While active, ``store["features"]`` holds the last output of nnU-Net's encoder (the list of skip features,
+    bottleneck last) with its graph, so a loss on the features trains the encoder. A forward hook on the unwrapped
+    network's ``encoder`` (PlainConvUNet / ResidualEncoderUNet): the network class, DDP and weights stay as they are."""
+    store: dict = {}
+
+    def keep(module, inputs, output):
+        store["features"] = list(output) if isinstance(output, (list, tuple)) else [output]
+
+    handle = unwrap_network(network).encoder.register_forward_hook(keep)
+    try:
+        yield store
+    finally:
+        handle.remove()
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
