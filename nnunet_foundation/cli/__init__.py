@@ -12,6 +12,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.check",
     "nnunet_foundation.cli.convert_2d",
     "nnunet_foundation.cli.convert_multiphase",
+    "nnunet_foundation.cli.multimodal_plans",
     "nnunet_foundation.cli.splits",
     "nnunet_foundation.cli.demo",
     "nnunet_foundation.cli.evaluate",
