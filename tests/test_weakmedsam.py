@@ -164,7 +164,8 @@ def weak_tree(tmp_path_factory):
                    "--copy-to", WEAK_ID], env)
     assert "12 case(s) with slice labels only" in out.stdout and "2 case(s) with their masks" in out.stdout
     weak = Path(env["nnUNet_raw"]) / f"Dataset{WEAK_ID:03d}_BlobsSliceLabels"
-    env["generalist"] = json.dumps({"backend": "sam", "model_type": "tiny",
+    # float32: CPU bfloat16 autocast ("auto") makes the tiny model 3x slower
+    env["generalist"] = json.dumps({"backend": "sam", "model_type": "tiny", "precision": "float32",
                                     "checkpoint": str(save_tiny_sam_checkpoint(root / "tiny_sam.pth"))})
     return root, env, source, weak, weak_cases
 
@@ -210,6 +211,7 @@ def test_classifier_trains_lora_and_heads_only(weak_tree, monkeypatch):
     assert set(saved["adapted"]) == {n[len("generalist."):] for n in trainable if n.startswith("generalist.")}
 
 
+@pytest.mark.e2e
 def test_slice_labels_to_nnunet_predict(weak_tree, tmp_path):
     """weak-labels run (no mask of a weak case exists anywhere: they were never copied), then the stock
     plan_and_preprocess / train (nnUNetTrainerWeakMedSAM_smoke) / predict; resume and refusal of changed inputs."""
@@ -253,3 +255,35 @@ def test_slice_labels_to_nnunet_predict(weak_tree, tmp_path):
     predicted = sorted(p.name for p in (tmp_path / "pred").glob("*.png"))
     assert predicted == [f"{c}.png" for c in weak_cases[:2]]
     assert np.asarray(Image.open(tmp_path / "pred" / predicted[0])).shape == (40, 40)
+
+
+def test_3d_cases_are_sliced_along_the_side_file_axis(tmp_path):
+    """3D volumes: one image per slice along the side file's axis, pseudo-masks written back in the volume's shape
+    and geometry; with gate 'weak-label' a slice without labels stays background whatever the classifier says.
+    Also the 'heads' mode (frozen encoder, heads on the cached pooled embeddings)."""
+    import SimpleITK as sitk
+
+    from nnunet_foundation.foundation.tiny import save_tiny_sam_checkpoint
+    from nnunet_foundation.methods.weakmedsam.pipeline import WeakDataset, WeakMedSAMRun, WeakMedSAMSettings
+    from nnunet_foundation.methods.weakmedsam.weak_labels import derive_weak_labels
+    from nnunet_foundation.synthetic import write_dataset
+
+    folder = write_dataset(str(tmp_path), dataset_id=934, name="Vol", num_labeled=2, num_unlabeled=0,
+                           shape=(6, 16, 10), spacing=(2.0, 1.0, 1.5))
+    derive_weak_labels(folder, axis=2)
+    side = json.loads((Path(folder) / "imageLabelsTr.json").read_text())["cases"]
+    shutil.rmtree(f"{folder}/labelsTr")
+    generalist = {"backend": "sam", "model_type": "tiny", "precision": "float32",
+                  "checkpoint": str(save_tiny_sam_checkpoint(tmp_path / "t.pth"))}
+    settings = WeakMedSAMSettings(trainable="heads", classifier_steps=20, batch_size=4, num_subclasses=2,
+                                  gate="weak-label")
+    run = WeakMedSAMRun(WeakDataset(folder), str(tmp_path / "out"), generalist, settings, log=lambda m: None)
+    assert run.run()["done"] == 2
+    assert not run.classifier().generalist.trainable_parameters(), "trainable 'heads' leaves the encoder frozen"
+    for case, slices in side.items():
+        image = sitk.ReadImage(f"{folder}/imagesTr/{case}_0000.nii.gz")
+        mask_image = sitk.ReadImage(str(tmp_path / "out" / "labelsTr" / f"{case}.nii.gz"))
+        assert mask_image.GetSize() == image.GetSize() and mask_image.GetSpacing() == image.GetSpacing()
+        mask = sitk.GetArrayFromImage(mask_image)  # (z, y, x); slices along x
+        for i, labels in enumerate(slices):
+            assert set(np.unique(mask[:, :, i])) - {0} <= set(labels)

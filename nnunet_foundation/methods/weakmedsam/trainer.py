@@ -70,6 +70,11 @@ class nnUNetTrainerWeakMedSAM(nnUNetTrainer):
             loss = DeepSupervisionWrapper(loss, weights / weights.sum())
         return loss
 
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        # nnU-Net loads the checkpoint before on_train_start on --c: the recorded settings must then match
+        self.resuming = True
+        super().load_checkpoint(filename_or_checkpoint)
+
     def on_train_start(self):
         if self.local_rank == 0:
             record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__,
