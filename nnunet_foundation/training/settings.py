@@ -131,7 +131,9 @@ def package_trainer_classes() -> list:
 
     for module in pkgutil.walk_packages(methods.__path__, methods.__name__ + "."):
         importlib.import_module(module.name)
-    classes, pending = [], [nnUNetTrainerSemiSupervised, nnUNetTrainerEMA]
+    from nnunet_foundation.methods.weakmedsam.trainer import nnUNetTrainerWeakMedSAM  # a stock-trainer subclass
+
+    classes, pending = [], [nnUNetTrainerSemiSupervised, nnUNetTrainerEMA, nnUNetTrainerWeakMedSAM]
     while pending:
         cls = pending.pop()
         classes.append(cls)
