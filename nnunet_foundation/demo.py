@@ -173,6 +173,12 @@ def _plot(results: Dict[str, dict], labels: List[str], path: Path, title: str) -
     plt.close(fig)
 
 
+def _short_name(trainer: str) -> str:
+    """'nnUNetTrainer_demo' -> 'labeled only', 'nnUNetTrainerMeanTeacher_demo' -> 'MeanTeacher' (plot titles)."""
+    method = trainer.split("_")[0].replace("nnUNetTrainer", "")
+    return method or "labeled only" if trainer.startswith("nnUNetTrainer") else trainer
+
+
 def _plot_examples(raw: Path, results: Dict[str, dict], path: Path, num_cases: int = 3) -> None:
     """Rows of test images: the image, the truth, then each trainer's prediction (2D data, or the middle slice)."""
     import matplotlib
@@ -200,7 +206,7 @@ def _plot_examples(raw: Path, results: Dict[str, dict], path: Path, num_cases: i
                 ax.imshow(panel, cmap="viridis", vmin=0, vmax=max(2, int(truth.max())), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
-                ax.set_title(name.replace("nnUNetTrainer", "").strip("_") or "labeled-only", fontsize=8)
+                ax.set_title(_short_name(name), fontsize=8)
         axes[row, 0].set_ylabel(case, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
