@@ -1,0 +1,100 @@
+"""IFL's slice-to-slice propagation with a box-prompted 2D generalist (LiteMedSAM by default: it runs with real
+weights everywhere), one class at a time.
+
+From each key slice (keyframes.py) the generalist segments the slice with the box of nnU-Net's region there, then
+walks away from it in both directions: the next slice gets the box of the mask just made, grown by ``margin_pixels``.
+The walk stops when the mask vanishes (fewer than ``min_pixels``), when it disagrees with nnU-Net where nnU-Net sees
+the class (Dice below ``min_agreement``), when it balloons where nnU-Net sees nothing (area above ``max_growth`` x the
+previous slice's: a leak into a neighbour), or at a slice an earlier walk of the same class already reached. Where
+nnU-Net misses the class but the structure continues, the walk goes on: that is what a generalist can add.
+
+Semantic-aware memory (the LiteMedSAM path of IFL's per-class memory groups; ours): each class has its own walks and
+state, never seeded by another class's masks; classes meet only in :func:`combine_classes`, which resolves a voxel
+claimed by several classes by the highest probability.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from nnunet_foundation.methods.ifl.keyframes import KeySlice
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    margin_pixels: int = 3
+    min_pixels: int = 10
+    min_agreement: float = 0.5
+    max_growth: float = 1.6
+
+
+def _box_of(mask: np.ndarray, margin: int) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0), min(xs.max() + margin, w - 1),
+                     min(ys.max() + margin, h - 1)], dtype=np.float32)  # inclusive, as SAM's boxes
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def segment_with_box(generalist, image_slice: np.ndarray, box: np.ndarray, class_index: int) -> np.ndarray:
+    """The generalist's foreground probability ``(h, w)`` for one slice (nnU-Net intensities) and one box."""
+    from nnunet_foundation.foundation.prompts import SlicePrompt
+
+    prompt = SlicePrompt(batch_index=0, class_index=class_index, slice_index=0,
+                         points=torch.zeros((0, 2), dtype=torch.float32), labels=torch.zeros((0,), dtype=torch.long),
+                         box=torch.from_numpy(box.astype(np.float32)))
+    with torch.no_grad():
+        logits, _, _ = generalist.segment_slices(torch.from_numpy(np.ascontiguousarray(image_slice))[None].float()
+                                                 .to(generalist.device), [prompt], [0])
+    return torch.sigmoid(logits[0].float()).cpu().numpy()
+
+
+def propagate_class(generalist, volume: np.ndarray, specialist_mask: np.ndarray, starts: Sequence[KeySlice],
+                    settings: PropagationSettings = PropagationSettings()) -> Tuple[np.ndarray, np.ndarray]:
+    """(probability ``(Z, H, W)`` of the class, slices reached ``(Z,)`` bool) for one class of one case.
+
+    ``volume``: ``(Z, H, W)`` image (nnU-Net intensities) with slices along the propagation axis;
+    ``specialist_mask``: nnU-Net's region of the class ``(Z, H, W)``; ``starts``: that class's key slices."""
+    probability = np.zeros(volume.shape, np.float32)
+    reached = np.zeros(volume.shape[0], bool)
+    for start in starts:
+        z = start.slice_index
+        if reached[z]:
+            continue
+        p = segment_with_box(generalist, volume[z], start.box, start.class_index)
+        if (p > 0.5).sum() < settings.min_pixels:
+            continue
+        probability[z], reached[z] = p, True
+        for step in (-1, 1):
+            previous, k = p > 0.5, z + step
+            while 0 <= k < volume.shape[0] and not reached[k]:
+                q = segment_with_box(generalist, volume[k], _box_of(previous, settings.margin_pixels),
+                                     start.class_index)
+                mask, specialist = q > 0.5, specialist_mask[k]
+                if mask.sum() < settings.min_pixels:
+                    break
+                if specialist.any() and _dice(mask, specialist) < settings.min_agreement:
+                    break
+                if not specialist.any() and mask.sum() > settings.max_growth * previous.sum():
+                    break
+                probability[k], reached[k] = q, True
+                previous, k = mask, k + step
+    return probability, reached
+
+
+def combine_classes(probabilities: List[np.ndarray], threshold: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+    """(label map, confidence) from per-class probabilities (class 1 first): each voxel takes the most probable class
+    above ``threshold``, background elsewhere; confidence = that probability (1 - the largest one for background)."""
+    stacked = np.stack(probabilities)
+    best = stacked.argmax(0)
+    top = stacked.max(0)
+    label = np.where(top > threshold, best + 1, 0).astype(np.uint8)
+    confidence = np.where(top > threshold, top, 1 - top).astype(np.float32)
+    return label, confidence
