@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.predict_sam_student",
     "nnunet_foundation.cli.generalist_quality",
     "nnunet_foundation.cli.pseudo_label",
+    "nnunet_foundation.cli.sfr",
 ]
 
 
