@@ -77,11 +77,12 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
             raise SFRError(f"{type(self).__name__} re-trains nnU-Net with a fine-tuned generalist, and {folder} "
                            f"{state}. Fine-tune it first (stages 1-2 of SFR, resumable):\n    {command}\nthen start "
                            f"this training again.")
-        if manifest.get("configuration") != self.configuration_name or \
-                manifest.get("plans_fingerprint") != plans_fingerprint(self.plans_manager.plans,
-                                                                       self.configuration_name):
+        inputs = manifest.get("inputs", {})
+        if inputs.get("configuration") != self.configuration_name or \
+                inputs.get("plans_fingerprint") != plans_fingerprint(self.plans_manager.plans,
+                                                                     self.configuration_name):
             raise SFRError(f"{os.path.join(folder, 'manifest.json')} was fine-tuned for configuration "
-                           f"{manifest.get('configuration')} with other plans than this training's "
+                           f"{inputs.get('configuration')} with other plans than this training's "
                            f"({self.configuration_name}); run: {command}")
         return folder, manifest
 
