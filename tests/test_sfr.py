@@ -76,6 +76,21 @@ def test_patches_to_slices_and_back_for_every_axis():
     assert torch.equal(slices_to_patches(patch_slices(x2, 0)[:, None], 3, 0, True), x2)
 
 
+def test_3d_patches_go_through_mosaics_along_the_slicing_axis(sam_checkpoint):
+    """3d_fullres: every slice along the axis is segmented (several mosaics for a deep patch) and lands back in
+    place."""
+    from nnunet_foundation.methods.sfr.fine_tune import build_sfr_generalist
+    from nnunet_foundation.methods.sfr.stitching import stitched_patch_logits, stitched_slice_logits
+
+    g = build_sfr_generalist(tiny_config(sam_checkpoint, num_classes=3))
+    x = torch.randn(2, 1, 9, 11, 30)  # along W: 30 slices of 9 x 11 per patch, 42 cells per 64-px mosaic
+    with torch.no_grad():
+        out = stitched_patch_logits(g, x, axis=2)
+        reference = stitched_slice_logits(g, x[:, 0].permute(0, 3, 1, 2).reshape(60, 9, 11))
+    assert out.shape == (2, 3, 9, 11, 30)
+    torch.testing.assert_close(out.permute(0, 4, 1, 2, 3).reshape(60, 3, 9, 11), reference)
+
+
 def test_whole_slices_are_tiled_at_the_training_scale(sam_checkpoint):
     """Slices larger than the patch are cut into patch-sized tiles (not shrunk), the last ones padded by replication;
     each tile's logits land back where the tile came from."""

@@ -19,10 +19,9 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -20,7 +20,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_foundation.methods.sfr.fine_tune import (FINAL_FILE, SFRError, build_sfr_generalist, generalist_folder,
