@@ -220,8 +220,9 @@ def run(args) -> int:
                          "sfr_plus_moved": moved, "final_loss_last10": tail,
                          "trainable_tensors": sorted(adaptable_state_dict(generalist))})
         write_json_atomically(manifest, os.path.join(folder, ft.MANIFEST), indent=2, sort_keys=True)
-        print(f"SFR: fine-tuned generalist written to {final_file}; next: nnUNetv2_train {args.d} {args.c} {args.f} "
-              f"-tr nnUNetTrainerSFR", flush=True)
+        where = f"export nnUNet_ssl_sfr_generalist={folder}; " if args.output else ""
+        print(f"SFR: fine-tuned generalist written to {final_file}; next: {where}nnUNetv2_train {args.d} {args.c} "
+              f"{args.f} -tr nnUNetTrainerSFR", flush=True)
 
     if args.pseudo_labels:
         name = args.name or f"SFR__{args.p}__fold{args.f}"

@@ -12,6 +12,8 @@ Conventions
   masks exactly (after thresholding at 0.5).
 * Stitching (SFR-style): ``g x g`` slices, each resized into a ``T//g`` tile, form one ``T x T`` mosaic, so that one
   encoder call serves ``g**2`` slices. :func:`stitch` / :func:`unstitch` are pure indexing and bit-exact inverses.
+* SFR's own mosaics (:class:`MosaicLayout`, :func:`stitch_native` / :func:`unstitch_native`) keep every slice at its
+  native size in ``(T // h) x (T // w)`` cells and tile patches with more slices into several mosaics.
 """
 from __future__ import annotations
 
