@@ -2,8 +2,8 @@
 lowers its loss on a tiny generated set, moves only LoRA/decoder/head tensors and resumes exactly; SFR+ moves the
 confident cases; nnUNetTrainerSFR refuses to start without a fine-tuned generalist, its pseudo-label term reaches the
 student (online and from the offline cache); and end to end through the real CLIs (tiny SAM checkpoint, CPU, 2d):
-``nnunet-foundation sfr`` (killed and resumed), ``nnUNetv2_train -tr nnUNetTrainerSFR_smoke`` (killed and resumed
-with --c), ``nnUNetv2_predict``."""
+``nnunet-foundation sfr`` (killed and resumed), ``nnUNetv2_train -tr nnUNetTrainerSFR_smoke``, its --c (in process)
+and ``nnUNetv2_predict``."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("segment_anything")
 
 from conftest import SYNTHETIC_ID, SYNTHETIC_NAME, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli  # noqa: E402
-from test_synfoc import load, train_until_first_checkpoint  # noqa: E402
+from test_synfoc import load  # noqa: E402
 
 SFR = "nnUNetTrainerSFR_smoke"
 
@@ -346,20 +346,40 @@ def test_pseudo_label_term_reaches_the_student(sfr_tree, source, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_sfr_trains_resumes_and_predicts(sfr_tree, tmp_path):
+def test_sfr_trains_resumes_and_predicts(sfr_tree, tmp_path, monkeypatch):
     env = sfr_tree["env"]
-    train = ["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", SFR, "-device", "cpu"]
+    run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", SFR, "-device", "cpu"], env)
     out = Path(env["nnUNet_results"]) / SYNTHETIC_NAME / f"{SFR}__nnUNetPlans__2d" / "fold_0"
-    interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
-    assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
-    resumed = run_cli(train + ["--c"], env)
-    assert "checkpoint_best.pth" in resumed.stdout + resumed.stderr
     final = load(out / "checkpoint_final.pth")
-    manifest = json.loads((sfr_tree["folder"] / "manifest.json").read_text())
+    manifest_file = sfr_tree["folder"] / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
     assert final["current_epoch"] == 2 and final["ssl_state"]["iteration"] == 8
     assert final["ssl_state"]["sfr_generalist_sha256"] == manifest["final_sha256"]
     assert all(v > 0 for v in final["logging"]["sfr_loss"])
     assert not any("generalist" in k or "sam." in k for k in final["network_weights"])
+
+    # --c: what nnUNetv2_train --c runs (nnU-Net's get_trainer_from_args and load_checkpoint, in this process; the
+    # engine's kill-and-resume through the CLI is tested in test_engine_e2e.py): the run continues with the same
+    # fine-tuned generalist, and is refused once that generalist was replaced
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_foundation.methods.sfr.fine_tune import SFRError
+
+    for k, v in env.items():
+        if k.startswith("nnUNet_") or k == "OMP_NUM_THREADS":
+            monkeypatch.setenv(k, v)
+    resumed = get_trainer_from_args(str(SYNTHETIC_ID), "2d", 0, SFR, continue_training=True,
+                                    device=torch.device("cpu"))
+    resumed.load_checkpoint(str(out / "checkpoint_final.pth"))
+    assert resumed.ssl_iteration == 8 and resumed.generalist is not None
+    try:
+        manifest_file.write_text(json.dumps({**manifest, "final_sha256": "0" * 64}))
+        replaced = get_trainer_from_args(str(SYNTHETIC_ID), "2d", 0, SFR, continue_training=True,
+                                         device=torch.device("cpu"))
+        with pytest.raises(SFRError, match="Refusing to resume"):
+            replaced.load_checkpoint(str(out / "checkpoint_final.pth"))
+    finally:
+        manifest_file.write_text(json.dumps(manifest))
 
     images = Path(env["nnUNet_raw"]) / SYNTHETIC_NAME / "imagesTs"
     pred = tmp_path / "pred"
