@@ -205,18 +205,22 @@ def run(args) -> int:
                                                   dtype=np.float32), npz["label"].astype(np.int64)))
             print(f"SFR+: {len(moved)} of {len(unlabeled)} unlabeled case(s) join the {len(cases)} labeled one(s) "
                   f"for round 2", flush=True)
-            resume2 = state if state is not None and state["round"] == 2 else None
-            losses["round 2"] = ft.fine_tune(generalist, sampler_for(cases + plus_cases, args.seed + 1),
-                                             resume=resume2, save=saver(2), tag="round 2 (SFR+)", **common)
+            if moved:  # without a new case a second round would only train longer on the same labels
+                resume2 = state if state is not None and state["round"] == 2 else None
+                losses["round 2"] = ft.fine_tune(generalist, sampler_for(cases + plus_cases, args.seed + 1),
+                                                 resume=resume2, save=saver(2), tag="round 2 (SFR+)", **common)
+            else:
+                print(f"SFR+: no case reached mean max-softmax {args.plus_threshold}: round 2 skipped", flush=True)
+        rounds = 2 if moved else 1
         from nnunet_foundation.foundation.lora import adaptable_state_dict
 
         final_file = os.path.join(folder, ft.FINAL_FILE)
         _save_torch({"config": config, "adapted": {k: v.detach().cpu() for k, v in
                                                    adaptable_state_dict(generalist).items()},
-                     "rounds": 2 if args.plus else 1}, final_file)
+                     "rounds": rounds}, final_file)
         final_sha = file_sha256(final_file)
         tail = {k: float(np.mean(v[-10:])) for k, v in losses.items() if v}
-        manifest.update({"finished": True, "final_sha256": final_sha, "rounds": 2 if args.plus else 1,
+        manifest.update({"finished": True, "final_sha256": final_sha, "rounds": rounds,
                          "sfr_plus_moved": moved, "final_loss_last10": tail,
                          "trainable_tensors": sorted(adaptable_state_dict(generalist))})
         write_json_atomically(manifest, os.path.join(folder, ft.MANIFEST), indent=2, sort_keys=True)
