@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.generalist_quality",
     "nnunet_foundation.cli.pseudo_label",
     "nnunet_foundation.cli.weak_labels",
+    "nnunet_foundation.cli.sfr",
 ]
 
 

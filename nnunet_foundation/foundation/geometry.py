@@ -12,6 +12,8 @@ Conventions
   masks exactly (after thresholding at 0.5).
 * Stitching (SFR-style): ``g x g`` slices, each resized into a ``T//g`` tile, form one ``T x T`` mosaic, so that one
   encoder call serves ``g**2`` slices. :func:`stitch` / :func:`unstitch` are pure indexing and bit-exact inverses.
+* SFR's own mosaics (:class:`MosaicLayout`, :func:`stitch_native` / :func:`unstitch_native`) keep every slice at its
+  native size in ``(T // h) x (T // w)`` cells and tile patches with more slices into several mosaics.
 """
 from __future__ import annotations
 
@@ -236,3 +238,114 @@ def crop_tile(model_space: torch.Tensor, layout: StitchLayout, index: int) -> to
     """Cut slice ``index``'s tile out of a ``(..., T, T)`` model-space map that belongs to its mosaic."""
     _, top, left = layout.location(index)
     return model_space[..., top:top + layout.tile, left:left + layout.tile]
+
+
+# ------------------------------------------------------------------------------------- native-size mosaics (SFR)
+@dataclass(frozen=True)
+class MosaicLayout:
+    """SFR's stitching: slices at their *native* in-plane size, laid out row-major in ``rows x cols`` cells of a
+    ``target x target`` mosaic (``rows = target // h``, ``cols = target // w``), each slice centred in its cell; the
+    rest of the cell and the unused cells are padding. Slice ``i`` goes to mosaic ``i // (rows * cols)``: a patch
+    with more slices than cells is cut into consecutive sub-volumes, one mosaic each, so no slice is ever dropped.
+
+    A slice larger than the mosaic is first shrunk (longest side to ``target``, one slice per mosaic); ``scale`` is
+    then below 1 and the round trip is no longer bit-exact. At ``scale == 1`` :func:`stitch_native` and
+    :func:`unstitch_native` are pure indexing and exact inverses.
+    """
+
+    num_slices: int
+    slice_hw: Tuple[int, int]
+    target: int
+
+    @property
+    def scale(self) -> float:
+        return min(1.0, self.target / max(self.slice_hw))
+
+    @property
+    def content_hw(self) -> Tuple[int, int]:
+        """Size of a slice inside the mosaic (its native size unless it had to shrink)."""
+        if self.scale == 1.0:
+            return int(self.slice_hw[0]), int(self.slice_hw[1])
+        return (max(1, min(self.target, int(self.slice_hw[0] * self.scale + 0.5))),
+                max(1, min(self.target, int(self.slice_hw[1] * self.scale + 0.5))))
+
+    @property
+    def rows(self) -> int:
+        return max(1, self.target // self.content_hw[0])
+
+    @property
+    def cols(self) -> int:
+        return max(1, self.target // self.content_hw[1])
+
+    @property
+    def cell_hw(self) -> Tuple[int, int]:
+        return self.target // self.rows, self.target // self.cols
+
+    @property
+    def per_mosaic(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def num_mosaics(self) -> int:
+        return math.ceil(self.num_slices / self.per_mosaic)
+
+    def location(self, index: int) -> Tuple[int, int, int]:
+        """``(mosaic index, top row, left column)`` of slice ``index``'s content in model pixels."""
+        if not 0 <= index < self.num_slices:
+            raise IndexError(f"slice {index} of a {self.num_slices}-slice layout")
+        mosaic, cell = divmod(index, self.per_mosaic)
+        row, col = divmod(cell, self.cols)
+        (cell_h, cell_w), (h, w) = self.cell_hw, self.content_hw
+        return mosaic, row * cell_h + (cell_h - h) // 2, col * cell_w + (cell_w - w) // 2
+
+    def content_mask(self) -> torch.Tensor:
+        """``(M, T, T)`` bool: True on the pixels that hold a slice (False on padding, which a loss must ignore)."""
+        mask = torch.zeros((self.num_mosaics, self.target, self.target), dtype=torch.bool)
+        h, w = self.content_hw
+        for i in range(self.num_slices):
+            m, top, left = self.location(i)
+            mask[m, top:top + h, left:left + w] = True
+        return mask
+
+
+def mosaic_layout(num_slices: int, slice_hw: Sequence[int], target: int) -> MosaicLayout:
+    if num_slices < 1:
+        raise ValueError(f"a mosaic needs at least one slice, got {num_slices}")
+    return MosaicLayout(int(num_slices), (int(slice_hw[0]), int(slice_hw[1])), int(target))
+
+
+def _fit_content(x: torch.Tensor, size: Tuple[int, int], labels: bool) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if labels:  # nearest neighbour keeps label values (and the ignore value) intact
+        return F.interpolate(x.float(), size=size, mode="nearest").to(x.dtype)
+    return _resize(x.float(), size).to(x.dtype)
+
+
+def stitch_native(slices: torch.Tensor, layout: MosaicLayout, pad_value: float = 0.0,
+                  labels: bool = False) -> torch.Tensor:
+    """``(N, C, h, w)`` slices -> ``(M, C, T, T)`` mosaics (see :class:`MosaicLayout`); padding holds ``pad_value``
+    (an ignore label for label maps). ``labels``: integer maps, shrunk by nearest neighbour where they must shrink."""
+    n, c, h, w = slices.shape
+    if n != layout.num_slices or (h, w) != layout.slice_hw:
+        raise ValueError(f"expected {layout.num_slices} slices of {layout.slice_hw}, got {tuple(slices.shape)}")
+    content = _fit_content(slices, layout.content_hw, labels)
+    ch, cw = layout.content_hw
+    mosaics = slices.new_full((layout.num_mosaics, c, layout.target, layout.target), pad_value)
+    for i in range(n):
+        m, top, left = layout.location(i)
+        mosaics[m, :, top:top + ch, left:left + cw] = content[i]
+    return mosaics
+
+
+def unstitch_native(mosaics: torch.Tensor, layout: MosaicLayout, labels: bool = False) -> torch.Tensor:
+    """``(M, C, T, T)`` -> ``(N, C, h, w)``: every slice's content cut out of its mosaic (resized back to the slice
+    size where it had to shrink; apply to logits, not to thresholded masks). The exact inverse of
+    :func:`stitch_native` at ``scale == 1``."""
+    if mosaics.shape[0] != layout.num_mosaics or tuple(mosaics.shape[-2:]) != (layout.target, layout.target):
+        raise ValueError(f"expected {layout.num_mosaics} mosaics of {layout.target}x{layout.target}, got "
+                         f"{tuple(mosaics.shape)}")
+    ch, cw = layout.content_hw
+    out = torch.stack([mosaics[m, :, top:top + ch, left:left + cw]
+                       for m, top, left in (layout.location(i) for i in range(layout.num_slices))])
+    return _fit_content(out, layout.slice_hw, labels)
