@@ -169,6 +169,9 @@ CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
 INCOMPLETE_PREFIX = ".incomplete_"
 
 
+TRAINING_ONLY_KEYS = ("architecture", "batch_size", "patch_size", "batch_dice")
+
+
 def plans_fingerprint(plans: dict, configuration: str) -> str:
     """What the preprocessed arrays depend on: the configuration's resolved settings and the intensity statistics."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -176,7 +179,9 @@ def plans_fingerprint(plans: dict, configuration: str) -> str:
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     relevant = {
-        "configuration": cm.configuration,
+        # what only training reads is left out, so plans that change the network or the batch (e.g.
+        # multimodal-plans, a bigger batch) keep using the unlabeled data preprocessed for the same data identifier
+        "configuration": {k: v for k, v in cm.configuration.items() if k not in TRAINING_ONLY_KEYS},
         "transpose_forward": pm.transpose_forward,
         "foreground_intensity_properties_per_channel": pm.foreground_intensity_properties_per_channel,
     }
