@@ -58,4 +58,6 @@ done
 # lever 4: a copy of LiteMedSAM fine-tuned on the 4 labeled images (60 steps), alone and prompting the frozen one
 nnunet-foundation generalist-quality "${MODEL[@]}" --cases "${KVASIR[@]}" --modes localiser localiser-alone \
     -o "$OUTPUT/kvasir_localiser"
-echo "done: $OUTPUT/{kvasir,kvasir_components,kvasir_localiser,cvc,cvc_components}/generalist_quality.md"
+nnunet-foundation generalist-quality "${MODEL[@]}" --cases "${CVC[@]}" --modes localiser localiser-alone \
+    -o "$OUTPUT/cvc_localiser"
+echo "done: $OUTPUT/{kvasir,kvasir_components,kvasir_localiser,cvc,cvc_components,cvc_localiser}/generalist_quality.md"
