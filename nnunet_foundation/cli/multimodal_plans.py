@@ -53,7 +53,8 @@ def run(args) -> int:
                       file=sys.stderr)
                 return 2
     write_json_atomically(new, target)
-    channels = len(json.load(open(os.path.join(nnUNet_preprocessed, dataset, "dataset.json")))["channel_names"])
+    with open(os.path.join(nnUNet_preprocessed, dataset, "dataset.json")) as f:
+        channels = len(json.load(f)["channel_names"])
     print(f"wrote {target}: MultiModalUNet with {channels} modality encoder(s); train with "
           f"nnUNetv2_train {args.d} CONFIGURATION FOLD -p {args.o} -tr nnUNetTrainerMultiModalSSL")
     return 0

@@ -147,7 +147,7 @@ class nnUNetTrainerMixedDomain(nnUNetTrainerMeanTeacher):
         box = self.paste_box(x_u)
         images = self.both_directions(box, x_l, x_u)
         targets = self.both_directions(box, y_l, pseudo)
-        from_label = self.both_directions(box, torch.ones_like(known), torch.zeros_like(pseudo, dtype=torch.bool))
+        from_label = torch.cat((box, ~box))  # "in" crops: labeled pixels inside the box; "out" crops: outside it
         label_region = from_label & self.both_directions(box, known, torch.ones_like(pseudo, dtype=torch.bool))
         pseudo_region = ~from_label
         out_mix = self.as_list(self.network(images))

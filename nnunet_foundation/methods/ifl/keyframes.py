@@ -45,7 +45,8 @@ def _binary_entropy_bits(p: np.ndarray) -> np.ndarray:
     return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks; 1 where both are empty (they agree that nothing is there)."""
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
@@ -64,7 +65,7 @@ def slice_uncertainty(history: Sequence[np.ndarray], class_index: int, disagreem
         region = latest[z]
         if not region.any():
             continue
-        changes = [1 - _dice(a[z], b[z]) for a, b in zip(masks[:-1], masks[1:])]
+        changes = [1 - mask_dice(a[z], b[z]) for a, b in zip(masks[:-1], masks[1:])]
         out[z] = float(entropy[z][region].mean()) + disagreement_weight * (float(np.mean(changes)) if changes else 0.0)
     return out
 

@@ -20,7 +20,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from nnunet_foundation.methods.ifl.keyframes import KeySlice
+from nnunet_foundation.methods.ifl.keyframes import KeySlice, mask_dice
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,6 @@ def _box_of(mask: np.ndarray, margin: int) -> np.ndarray:
     h, w = mask.shape
     return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0), min(xs.max() + margin, w - 1),
                      min(ys.max() + margin, h - 1)], dtype=np.float32)  # inclusive, as SAM's boxes
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 def segment_with_box(generalist, image_slice: np.ndarray, box: np.ndarray, class_index: int) -> np.ndarray:
@@ -80,7 +75,7 @@ def propagate_class(generalist, volume: np.ndarray, specialist_mask: np.ndarray,
                 mask, specialist = q > 0.5, specialist_mask[k]
                 if mask.sum() < settings.min_pixels:
                     break
-                if specialist.any() and _dice(mask, specialist) < settings.min_agreement:
+                if specialist.any() and mask_dice(mask, specialist) < settings.min_agreement:
                     break
                 if not specialist.any() and mask.sum() > settings.max_growth * previous.sum():
                     break
