@@ -174,9 +174,9 @@ def _plot(results: Dict[str, dict], labels: List[str], path: Path, title: str) -
 
 
 def _short_name(trainer: str) -> str:
-    """'nnUNetTrainer_demo' -> 'labeled only', 'nnUNetTrainerMeanTeacher_demo' -> 'MeanTeacher' (plot titles)."""
-    method = trainer.split("_")[0].replace("nnUNetTrainer", "")
-    return method or "labeled only" if trainer.startswith("nnUNetTrainer") else trainer
+    """'nnUNetTrainer_demo' -> 'labeled only', 'nnUNetTrainerMeanTeacher_demo' -> 'MeanTeacher', 'truth' -> 'truth'
+    (plot titles)."""
+    return trainer.split("_")[0].replace("nnUNetTrainer", "") or "labeled only"
 
 
 def _plot_examples(raw: Path, results: Dict[str, dict], path: Path, num_cases: int = 3) -> None:
