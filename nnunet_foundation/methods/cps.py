@@ -20,12 +20,23 @@ built.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import cross_entropy, over_scales
 from nnunet_foundation.training.networks import unwrap_network
 from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
+
+
+def weights_digest(state_dict) -> str:
+    """SHA-256 of a state dict's names and values (read through the CPU one tensor at a time)."""
+    digest = hashlib.sha256()
+    for name, value in state_dict.items():
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class nnUNetTrainerCPS(nnUNetTrainerSemiSupervised):
@@ -45,14 +56,14 @@ class nnUNetTrainerCPS(nnUNetTrainerSemiSupervised):
             raise ValueError(f"{type(self).__name__}: setting 'pretrained_start' must be 'perturbed_copy' or 'fresh', "
                              f"got {self.ssl_settings['pretrained_start']!r}")
         self.network_b, self.optimizer_b = self.build_extra_network("network_b_weights")
-        # what initialize() built, to see at train start whether nnU-Net loaded -pretrained_weights over it
-        self._initial_weights_a = {k: v.detach().clone() for k, v in unwrap_network(self.network).state_dict().items()}
+        # what initialize() built, to see at train start whether nnU-Net loaded -pretrained_weights over it (a
+        # digest, not a second copy of the weights on the device)
+        self._initial_digest_a = weights_digest(unwrap_network(self.network).state_dict())
 
     def sync_ssl_modules_with_network(self):
         super().sync_ssl_modules_with_network()
         net_a = unwrap_network(self.network)
-        initial, self._initial_weights_a = self._initial_weights_a, None
-        pretrained = any(not torch.equal(v, initial[k]) for k, v in net_a.state_dict().items())
+        pretrained = weights_digest(net_a.state_dict()) != self._initial_digest_a
         if not pretrained or self.ssl_settings["pretrained_start"] != "perturbed_copy":
             return
         scale = self.ssl_settings["pretrained_perturbation"]
