@@ -119,26 +119,36 @@ def check_setting_values(settings: Mapping[str, Any], sources: Mapping[str, str]
 
 
 def package_trainer_classes() -> list:
-    """Every trainer class of this package (budget variants included): the semi-supervised base and its
-    subclasses, after importing every method module so that all of them exist."""
+    """Every trainer class of this package that reads package settings (budget variants included): each subclass of
+    nnU-Net's trainer defined in ``nnunet_foundation`` with ``default_settings``, whichever base it extends (the
+    semi-supervised base, or nnU-Net's trainer directly like WeakMedSAM), after importing every method module so
+    that all of them exist."""
     # imported here: the methods import this module
     import importlib
     import pkgutil
 
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
     import nnunet_foundation.methods as methods
-    from nnunet_foundation.training.baselines import nnUNetTrainerEMA
-    from nnunet_foundation.training.semi_supervised import nnUNetTrainerSemiSupervised
+    import nnunet_foundation.training.baselines  # noqa: F401  (nnUNetTrainerEMA)
 
     for module in pkgutil.walk_packages(methods.__path__, methods.__name__ + "."):
         importlib.import_module(module.name)
-    from nnunet_foundation.methods.weakmedsam.trainer import nnUNetTrainerWeakMedSAM  # a stock-trainer subclass
-
-    classes, pending = [], [nnUNetTrainerSemiSupervised, nnUNetTrainerEMA, nnUNetTrainerWeakMedSAM]
+    classes, seen, pending = [], set(), list(nnUNetTrainer.__subclasses__())
     while pending:
         cls = pending.pop()
-        classes.append(cls)
+        if cls in seen:  # a class deriving from two trainers is reached twice
+            continue
+        seen.add(cls)
         pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("nnunet_foundation.") and "default_settings" in vars_of_mro(cls):
+            classes.append(cls)
     return classes
+
+
+def vars_of_mro(cls) -> set:
+    """Attribute names defined by ``cls`` or one of its bases other than nnU-Net's own classes."""
+    return {name for base in cls.__mro__ if base.__module__.startswith("nnunet_foundation.") for name in vars(base)}
 
 
 def settings_of_other_trainers(own: Mapping[str, Any]) -> Dict[str, str]:
