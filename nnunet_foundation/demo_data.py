@@ -1,16 +1,21 @@
-"""The demo's generated 2D dataset: few labeled images that do not cover how the unlabeled and test images look.
+"""The demo's generated 2D dataset: few labeled images that do not show how the unlabeled and test images look.
 
 The real problem the package addresses is not "too few pixels of the same picture": it is that a handful of labeled
 cases cannot show every appearance the scanner, patient and protocol produce. So the labeled images here are drawn
-from a narrow part of the appearance space (high contrast, little noise, medium-sized objects in the middle half, calm
-background) and the unlabeled and test images from all of it (contrast down to a third, three times the noise,
-objects from half to one and a half times the size, anywhere in the image, a textured background). The objects have
-clear, smooth boundaries, which a box-prompted medical SAM outlines well, so a generalist has something to add where
-the specialist trained on the narrow labeled set only half-finds an object.
+from a narrow part of the appearance space (high contrast, little noise, medium-sized, evenly bright objects in the
+middle half, calm background) and the unlabeled and test images from all of it (contrast down to a third, three times
+the noise, objects from half to one and a half times the size, anywhere in the image, a textured background, and
+most importantly objects whose core is faint: only a rim of them stands out, like a polyp under a specular highlight
+or a lesion with a necrotic centre).
 
-Two foreground classes, each one object per image: ``lesion`` (a lobed blob) and ``duct`` (an elongated, rotated
-ellipse). Images are single-slice NIfTI files (shape 1 x H x W), which nnU-Net's ``2d`` configuration reads as 2D
-images.
+What a network trained on the labeled images alone learns is "bright pixels are lesion, dark pixels are duct": on a
+faint-cored object it segments the rim, a ring. A box-prompted medical SAM, given the box of that ring, segments the
+whole object, because it has learnt what objects look like from millions of them. That is the knowledge the demo's
+SemiSAM row transfers to the specialist through the unlabeled images.
+
+Two foreground classes, each one object per image: ``lesion`` (a lobed blob brighter than the background) and
+``duct`` (an elongated, rotated ellipse darker than it). Images are single-slice NIfTI files (shape 1 x H x W),
+which nnU-Net's ``2d`` configuration reads as 2D images.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 from nnunet_foundation.synthetic import _write_nifti
 
@@ -34,12 +40,14 @@ class Appearance:
     size: Tuple[float, float]          # object size relative to the nominal one
     position: float                    # how far from the centre objects may sit (fraction of the half-width)
     texture: Tuple[float, float]       # amplitude of the smooth background structure
+    hollow: float = 0.0                # probability that an object has a faint core (a rim around it stays bright)
 
 
-# the labeled images: what a clinician labeling a few clear cases would pick
+# the labeled images: what a clinician labeling a few clear cases would pick (no faint cores)
 LABELED = Appearance(contrast=(0.9, 1.1), noise=(0.05, 0.1), size=(0.9, 1.1), position=0.5, texture=(0.0, 0.1))
 # everything else (unlabeled and test images): the variation the labeled images do not show
-WILD = Appearance(contrast=(0.35, 1.1), noise=(0.05, 0.3), size=(0.5, 1.5), position=0.6, texture=(0.0, 0.5))
+WILD = Appearance(contrast=(0.35, 1.1), noise=(0.05, 0.3), size=(0.5, 1.5), position=0.6, texture=(0.0, 0.5),
+                  hollow=0.6)
 
 
 def _smooth_field(rng: np.random.Generator, shape: Tuple[int, int], waves: int = 4) -> np.ndarray:
@@ -87,11 +95,16 @@ def make_demo_image(rng: np.random.Generator, appearance: Appearance, size: int 
                 break
         label[mask & (label == 0)] = cls
     image = 0.2 + rng.uniform(*appearance.texture) * 0.5 * _smooth_field(rng, shape)
-    for cls in (1, 2):
+    for cls, sign in ((1, 1.0), (2, -1.0)):  # lesions brighter than the background, ducts darker
         inside = label == cls
         # each object has its own brightness and a gentle internal gradient, like tissue, not a flat stamp
         shading = 1 + 0.15 * _smooth_field(rng, shape, waves=2)
-        image = np.where(inside, image + rng.uniform(*appearance.contrast) * shading, image)
+        if rng.uniform() < appearance.hollow:
+            # a faint core: everything deeper than 30-45% of the object's largest depth keeps 0-25% of its contrast
+            depth = ndimage.distance_transform_edt(inside)
+            core = depth > rng.uniform(0.3, 0.45) * depth.max()
+            shading = np.where(core, rng.uniform(0.0, 0.25), shading)
+        image = np.where(inside, image + sign * rng.uniform(*appearance.contrast) * shading, image)
     image = image + rng.normal(0, rng.uniform(*appearance.noise), shape).astype(np.float32)
     scale = rng.uniform(80, 300)  # per-image intensity scale, as in MRI: per-image normalisation is needed
     return (image * scale).astype(np.float32), label

@@ -39,6 +39,12 @@ def test_demo_compares_labeled_only_mean_teacher_and_semisam_and_resumes(tmp_pat
     cache = workdir / "nnUNet_preprocessed" / "Dataset990_Demo"
     assert len(list(cache.glob("*_pseudo_labels/nnUNetTrainer_smoke__nnUNetPlans__fold0/*.npz"))) == 3
     assert "litemedsam" in (workdir / "logs" / "pseudo_label.log").read_text()
+    # prompted per object of the labeled-only model, filtered by LiteMedSAM's own confidence (demo.DEMO_GENERALIST)
+    manifest = json.loads(next(cache.glob("*_pseudo_labels/nnUNetTrainer_smoke__nnUNetPlans__fold0/manifest.json"))
+                          .read_text())
+    assert manifest["generalist"]["backend"] == "litemedsam"
+    assert manifest["generalist"]["box_mode"] == "components" and manifest["generalist"]["min_prompt_score"] == 0.25
+    assert report["generalist"]["box_mode"] == "components"
     semisam_log = (workdir / "logs" / "train_nnUNetTrainerSemiSAM_smoke.log").read_text()
     assert "pseudo-labels from the offline cache" in semisam_log
     assert report["results"][trainers[2]]["generalist_seconds"] > 0

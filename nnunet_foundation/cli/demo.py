@@ -27,16 +27,17 @@ def run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="generate a small dataset and compare labeled-only nnU-Net, Mean Teacher and SemiSAM (LiteMedSAM)",
-        description="With no data of yours: generate a small 2D dataset whose few labeled images do not show how "
-                    "the unlabeled and test images look (contrast, noise, size, position, background vary), run "
-                    "nnUNetv2_plan_and_preprocess, preprocess the unlabeled images, then train with the same labeled "
-                    "images and budget: nnUNetTrainer (labeled images only), a semi-supervised trainer, and SemiSAM "
-                    "with pseudo-labels of the real LiteMedSAM prompted by the labeled-only model's boxes "
-                    "(nnunet-foundation pseudo-label, once per unlabeled image). Predicts the test images with "
-                    "nnUNetv2_predict and prints their Dice with training and generalist times; writes "
-                    "demo_results.png (Dice) and demo_examples.png (test images and predictions). Everything lives "
-                    "in --workdir (its own nnUNet_raw/_preprocessed/_results); your nnU-Net folders are not touched. "
-                    "Run it again to resume; finished steps are skipped. About 10 minutes on a 2-core CPU.",
+        description="With no data of yours: generate a small 2D dataset whose few labeled images do not show how the "
+                    "unlabeled and test images look (contrast, noise, size, position, background and faint object "
+                    "cores vary), run nnUNetv2_plan_and_preprocess, preprocess the unlabeled images, then train with "
+                    "the same labeled images and budget: nnUNetTrainer (labeled images only), a semi-supervised "
+                    "trainer, and SemiSAM with pseudo-labels of the real LiteMedSAM prompted by the boxes of the "
+                    "labeled-only model's objects (nnunet-foundation pseudo-label, once per unlabeled image). "
+                    "Predicts the test images with nnUNetv2_predict and prints their Dice with training and "
+                    "generalist times; writes demo_results.png (Dice) and demo_examples.png (test images and "
+                    "predictions). Everything lives in --workdir (its own nnUNet_raw/_preprocessed/_results); your "
+                    "nnU-Net folders are not touched. Run it again to resume; finished steps are skipped. About 10 "
+                    "minutes on a 2-core CPU.",
         epilog="example:\n  nnunet-foundation demo\n"
                "  nnunet-foundation demo --workdir /tmp/demo --labeled 4 --ssl-trainer nnUNetTrainerCPS\n"
                "  nnunet-foundation demo --dimension 3d --no-semisam   # the 3D variant, without the generalist",
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--labeled", type=int, default=2, help="labeled training cases (default: 2)")
     p.add_argument("--validation", type=int, default=2, help="labeled validation cases (default: 2)")
     p.add_argument("--unlabeled", type=int, default=16, help="unlabeled training images (default: 16)")
-    p.add_argument("--test", type=int, default=6, help="held-out test images (default: 6)")
+    p.add_argument("--test", type=int, default=24, help="held-out test images (default: 24)")
     p.add_argument("--budget", default="demo",
                    help="training budget name, a trainer-class suffix (default: demo = 15 epochs x 10 iterations, "
                         "batch 2); see the README for the list")
