@@ -25,15 +25,19 @@
 # iterations at batch 4 (+ 4 unlabeled) of 112 x 128 patches for every nnU-Net row. The default rows (labeled-only,
 # Mean Teacher, CPS; fully supervised) are 4 scarce folds x 3 + 2 = 14 trainings, each followed by the prediction of
 # the ~344 test images: about 1.5-2 hours on an otherwise idle 2-core machine, by the estimate in
-# docs/benchmarks/polyps_cpu_budget.md (cost per iteration measured on this data, times the runs). That leaves
-# about an hour of the 3-hour budget for the rows of issue 14 that the benchmark command does not run yet: SemiSAM
-# from an offline LiteMedSAM cache (nnunet-foundation pseudo-label of each fold's labeled-only model, then
-# nnUNet_ssl_pseudo_labels; online LiteMedSAM costs about 0.9 s per image on two cores), self-training and the
-# generalist alone. Add trainers with TRAINERS="..."; the estimate says what each costs. The report's "Training time"
-# table shows the real seconds per epoch after the first runs.
+# docs/benchmarks/polyps_cpu_budget.md (cost per iteration measured on this data, times the runs). SemiSAM learns
+# from an offline LiteMedSAM cache (--cached-trainers): per scarce fold, the fold's labeled-only model prompts
+# LiteMedSAM once over the unlabeled pool (nnunet-foundation pseudo-label; about 0.9 s per image on two cores, so
+# roughly 15 minutes per fold for the ~930 unlabeled images, 4 folds), then SemiSAM trains with the cache as a
+# cross-entropy target of weight 1 for the whole run (nnUNet_ssl_sam_* below, unless set). With it the CPU study
+# exceeds 3 hours; CACHED_TRAINERS="" leaves it out. Not run by the benchmark command yet: the self-training row and
+# the generalist alone. Add trainers with TRAINERS="..."; the estimate says what each costs. The report's "Training
+# time" table shows the real seconds per epoch after the first runs.
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
-# (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS), MAX_SIZE the image size, NNUNET_NP the worker processes.
+# (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS), CACHED_TRAINERS those trained from the LiteMedSAM cache
+# (default: nnUNetTrainerSemiSAM), PSEUDO_LABEL_GENERALIST that cache's generalist (JSON; default LiteMedSAM),
+# MAX_SIZE the image size, NNUNET_NP the worker processes.
 set -euo pipefail
 DEVICE=${1:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 BUDGET=${2:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
@@ -42,6 +46,10 @@ JOBS=${4:-1}
 DATA=${POLYPS_DATA:-$(dirname "$0")/../../shared/data/Polyps}
 MAX_SIZE=${MAX_SIZE:-128}
 TRAINERS=${TRAINERS:-nnUNetTrainerMeanTeacher nnUNetTrainerCPS}
+CACHED_TRAINERS=${CACHED_TRAINERS-nnUNetTrainerSemiSAM}
+# SemiSAM from a cache made once: the labels stay as good as they were, so they weigh fully for the whole run
+export nnUNet_ssl_sam_loss=${nnUNet_ssl_sam_loss:-ce} nnUNet_ssl_sam_weight=${nnUNet_ssl_sam_weight:-1} \
+    nnUNet_ssl_sam_decay=${nnUNet_ssl_sam_decay:-0} nnUNet_ssl_sam_all_scales=${nnUNet_ssl_sam_all_scales:-true}
 NP=${NNUNET_NP:-$(( $(nproc) > 8 ? 8 : $(nproc) ))}
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 START=$(date +%s)
@@ -51,6 +59,11 @@ elapsed() { local s=$(( $(date +%s) - START )); printf '%d:%02d:%02d' $((s / 360
 ARGS=(-d 150 -c 2d --labeled 2 4 8 --seeds 0 1 --other-seeds-at 4 --num-val 4
       --test-fraction kvasir=0.25 cvc=0.33 --test-seed 0 --labeled-domain kvasir
       --trainers $TRAINERS --budget "$BUDGET" --tolerance 2 --device "$DEVICE" -np "$NP" --output "$OUTPUT")
+if [ -n "$CACHED_TRAINERS" ]; then
+    # shellcheck disable=SC2206
+    ARGS+=(--cached-trainers $CACHED_TRAINERS)
+    [ -n "${PSEUDO_LABEL_GENERALIST:-}" ] && ARGS+=(--pseudo-label-generalist "$PSEUDO_LABEL_GENERALIST")
+fi
 
 echo "== [$(elapsed)] converting $DATA into $nnUNet_raw/Dataset150_Polyps (longest side $MAX_SIZE px; unchanged if done)"
 nnunet-foundation convert-2d -d 150 --name Polyps --label-name polyp --max-size "$MAX_SIZE" \
@@ -67,7 +80,10 @@ JOBFILE="${OUTPUT%/}.jobs.sh"  # beside OUTPUT: the benchmark only adopts an emp
 nnunet-foundation benchmark "${ARGS[@]}" --print-commands > "$JOBFILE"
 if [ "$JOBS" -gt 1 ]; then
     echo "== [$(elapsed)] $(grep -c -- ' --run ' "$JOBFILE" || true) runs, $JOBS at a time (logs in $OUTPUT/logs)"
-    grep -- ' --run ' "$JOBFILE" | xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "job failed: {}"'
+    # the cached rows wait for their fold's labeled-only model: the sequential call below runs them
+    CACHED_PATTERN="_($(echo "$CACHED_TRAINERS" | tr -s ' ' '|'))_"
+    grep -- ' --run ' "$JOBFILE" | { if [ -n "$CACHED_TRAINERS" ]; then grep -v -E -- "$CACHED_PATTERN"; else cat; fi; } |
+        xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "job failed: {}"'
 fi
 # Sequential runs (JOBS=1; each prints its epochs and test metrics), or what a failed parallel job left, then the report.
 nnunet-foundation benchmark "${ARGS[@]}"

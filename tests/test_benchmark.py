@@ -83,6 +83,40 @@ def test_plan_has_both_bounds_and_every_ssl_trainer_per_fold(make_benchmark):
     assert not build_parser().parse_args(stock.settings.command_args("/somewhere")).ema_baselines
 
 
+def test_cached_trainers_learn_from_the_generalist_labels_their_folds_labeled_only_model_prompted(make_benchmark):
+    generalist = '{"backend": "sam", "model_type": "tiny", "allow_random_init": true}'
+    bench = make_benchmark(cached_trainers=("nnUNetTrainerSemiSAM",), pseudo_label_generalist=generalist)
+    cached = [r for r in bench.runs if r.pseudo_labels]
+    assert len(cached) == 4 and all(r.role == SSL and r.trainer == "nnUNetTrainerSemiSAM_smoke" for r in cached)
+    for run in cached:
+        lower = bench.labeled_only_run(run)
+        assert lower.role == LOWER and lower.fold == run.fold and bench.runs.index(lower) < bench.runs.index(run)
+        # the fold's own labeled-only model prompts the generalist; the cache is the fold's, read by the training
+        assert run.pseudo_labels == f"{BASELINE}__nnUNetPlans__fold{run.fold}"
+        cmd = bench.pseudo_label_command(run)
+        assert cmd[:2] == ["nnunet-foundation", "pseudo-label"] and cmd[cmd.index("-tr") + 1] == BASELINE
+        assert cmd[cmd.index("-f") + 1] == str(run.fold) and cmd[cmd.index("--name") + 1] == run.pseudo_labels
+        assert cmd[cmd.index("--generalists") + 1] == generalist
+        assert bench.training_environment(run)["nnUNet_ssl_pseudo_labels"] == run.pseudo_labels
+    assert all("nnUNet_ssl_pseudo_labels" not in bench.training_environment(r) for r in bench.runs
+               if not r.pseudo_labels)
+    # the reproducing command keeps both options; a job script says which job waits for which
+    from nnunet_foundation.cli import build_parser
+
+    args = build_parser().parse_args(bench.settings.command_args("/somewhere"))
+    assert args.cached_trainers == ["nnUNetTrainerSemiSAM"] and args.pseudo_label_generalist == generalist
+    bench.prepare()
+    script = bench.job_script()
+    assert script.count("#   after labeled-") == 4 and f"after labeled-2_seed-0_{BASELINE}" in script
+    # online and cached at once would share nnU-Net's training folder; a generalist needs a cached trainer
+    with pytest.raises(BenchmarkError, match="either"):
+        make_benchmark(trainers=("nnUNetTrainerSemiSAM",), cached_trainers=("nnUNetTrainerSemiSAM_smoke",))
+    with pytest.raises(BenchmarkError, match="--cached-trainers"):
+        make_benchmark(pseudo_label_generalist=generalist)
+    with pytest.raises(BenchmarkError, match="--pseudo-label-generalist"):
+        make_benchmark(cached_trainers=("nnUNetTrainerSemiSAM",), pseudo_label_generalist='{"backend": "sam", "x": 1}')
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(budget="fast"), "unknown budget"),
     (dict(trainers=("nnUNetTrainer",)), "always runs"),
@@ -319,3 +353,32 @@ def test_cluster_flow_refuses_unknown_trainings_then_adopts_runs_one_job_and_rep
     assert [r["run"]["run_id"] for r in results["runs"]] == [RUN_IDS[1]]
     assert len(results["missing_runs"]) == 2 and "Incomplete" in (out2 / "report.md").read_text()
     assert checkpoints(benchmark["results_dir"]) == before
+
+
+@e2e
+def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_labels(benchmark):
+    """Run last: it adds a run to the module's benchmark. The same command with --cached-trainers keeps the finished
+    runs, pseudo-labels fold 0's unlabeled cases with its labeled-only model, trains SemiSAM from them, reports it."""
+    generalist = json.dumps({"backend": "sam", "model_type": "tiny", "allow_random_init": True})
+    before = checkpoints(benchmark["results_dir"])
+    proc = run_cli(BENCHMARK_ARGS + ["--cached-trainers", "nnUNetTrainerSemiSAM", "--pseudo-label-generalist",
+                                     generalist, "--output", benchmark["out"]], benchmark["env"], timeout=1200)
+    assert proc.stdout.count("finished earlier, skipped") == 3
+    run_id = "labeled-2_seed-0_nnUNetTrainerSemiSAM_smoke"
+    cache = benchmark["preprocessed"] / "nnUNetPlans_3d_fullres_pseudo_labels" / f"{BASELINE}__nnUNetPlans__fold0"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["specialist"]["trainer"] == BASELINE and manifest["specialist"]["fold"] == 0
+    assert manifest["generalist"]["model_type"] == "tiny"
+    fold = json.loads((benchmark["preprocessed"] / "splits_final.json").read_text())[0]
+    assert {p.stem for p in cache.glob("*.npz")} >= set(fold["unlabeled"])
+    train_log = (benchmark["out"] / "logs" / f"{run_id}.train.log").read_text()
+    assert "pseudo-labels from the offline cache" in train_log and cache.name in train_log
+    results = json.loads((benchmark["out"] / "results.json").read_text())
+    run = next(r for r in results["runs"] if r["run"]["run_id"] == run_id)
+    assert run["run"]["pseudo_labels"] == cache.name and run["timings"]["generalist_wall_s"] > 0
+    assert "sam_loss" in run["training"]["curves"]
+    report = (benchmark["out"] / "report.md").read_text()
+    assert "nnUNetTrainerSemiSAM_smoke (semi-supervised, generalist labels prompted by the labeled-only model)" in report
+    assert "gap closed" in report.lower() and results["gap_closed"]["nnUNetTrainerSemiSAM_smoke"]["2"]
+    new = checkpoints(benchmark["results_dir"])
+    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 1

@@ -24,6 +24,8 @@ from nnunet_foundation.evaluation import METRICS, gap_closed, mean_std, write_js
 #: decimals per metric in report.md
 DECIMALS = {"Dice": 3, "NSD": 3, "HD95": 2}
 ROLE_ORDER = {LOWER: 0, SSL: 1, UPPER: 2}
+#: how the rows of --cached-trainers are labelled
+CACHED_LABEL = "semi-supervised, generalist labels prompted by the labeled-only model"
 
 
 def _column_sort_key(column: str):
@@ -42,6 +44,7 @@ def aggregate(results: List[dict]) -> dict:
         runs = sorted(runs, key=lambda r: r["run"]["seed"])
         classes = runs[0]["evaluation"]["classes"]
         entry = {"role": runs[0]["run"]["role"], "method": runs[0]["run"]["method"],
+                 "pseudo_labels": bool(runs[0]["run"].get("pseudo_labels")),
                  "num_labeled": runs[0]["run"]["num_labeled"],
                  "num_train": sorted({r["run"]["num_train"] for r in runs}),
                  "seeds": [r["run"]["seed"] for r in runs], "runs": [r["run"]["run_id"] for r in runs],
@@ -198,6 +201,8 @@ def _metric_table(data: dict, metric: str, std_key: str, columns: List[str], upp
         entries = aggregates[trainer]
         if any(e["role"] == LOWER for e in entries.values()):
             label = f"{trainer} (labeled only / all labels)"
+        elif any(e.get("pseudo_labels") for e in entries.values()):
+            label = f"{trainer} ({CACHED_LABEL})"
         cells = [fmt(entries[c]["foreground_mean"][metric], metric, std_key) if c in entries else ""
                  for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -293,16 +298,19 @@ def render_markdown(data: dict, plots: List[str]) -> str:
         lines += _cost_table(data["cost"]) + [""]
 
     lines += ["## Runs", "",
-              "| run | fold | role | labeled | unlabeled | val | Dice | HD95 | NSD | epochs | train s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| run | fold | role | labeled | unlabeled | val | Dice | HD95 | NSD | epochs | train s | generalist s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(data["runs"], key=lambda r: (r["run"]["seed"], r["run"]["fold"], ROLE_ORDER[r["run"]["role"]])):
         run, fg = r["run"], r["evaluation"]["foreground_mean"]
         unlabeled = run["num_unlabeled_from_split"] + r.get("num_unlabeled_extra", 0) if run["role"] == SSL else 0
         train_s = r["training"].get("seconds")
+        # the offline generalist's wall time (--cached-trainers: pseudo-labelling the fold's unlabeled cases)
+        generalist_s = r.get("timings", {}).get("generalist_wall_s")
         lines.append(f"| {run['run_id']} | {run['fold']} | {run['role']} | {run['num_train']} | {unlabeled} | "
                      f"{run['num_val']} | " + " | ".join(
                          fmt({"mean": fg[mm]["mean"], "std_over_cases": fg[mm]["std"]}, mm) for mm in METRICS)
-                     + f" | {r['training'].get('epochs', '')} | {'' if train_s is None else f'{train_s:.0f}'} |")
+                     + f" | {r['training'].get('epochs', '')} | {'' if train_s is None else f'{train_s:.0f}'} | "
+                     + (f"{generalist_s:.0f} |" if generalist_s is not None else " |"))
     lines += [""]
     for plot in plots:
         lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
@@ -416,7 +424,9 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
                 y = [_number(entries[c]["foreground_mean"][metric]["mean"], math.nan) for c in columns]
                 err = [_number(entries[c]["foreground_mean"][metric][std_key]) for c in columns]
                 role = entries[columns[0]]["role"]
-                label = f"{trainer} ({'labeled only' if role == LOWER else 'semi-supervised'})"
+                kind = "labeled only" if role == LOWER else CACHED_LABEL if entries[columns[0]].get("pseudo_labels") \
+                    else "semi-supervised"
+                label = f"{trainer} ({kind})"
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=label)
             if "all" in entries:
                 stats = entries["all"]["foreground_mean"][metric]

@@ -202,7 +202,16 @@ class Benchmark:
             runs.append(Run(LOWER, s.trainer_class(baseline), baseline, info.fold, info.seed, info.num_labeled, fold))
             for method in s.trainers:
                 runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold))
+            # after the labeled-only run of the fold, whose model prompts the generalist for their cache
+            cache = f"{s.trainer_class(baseline)}__{s.plans}__fold{info.fold}"
+            for method in s.cached_trainers:
+                runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold,
+                                pseudo_labels=cache))
         return runs, folds, infos, test
+
+    def labeled_only_run(self, run: Run) -> Run:
+        """The labeled-only run of ``run``'s fold (its model prompts the generalist for ``run``'s cache)."""
+        return next(r for r in self.runs if r.role == LOWER and r.fold == run.fold)
 
     # ------------------------------------------------------------------------------------------ paths
     def training_folder(self, run: Run) -> Path:
@@ -397,13 +406,35 @@ class Benchmark:
                 "-tr", run.trainer, "-f", str(run.fold), "-chk", "checkpoint_final.pth",
                 "-device", self.settings.device, "-npp", n, "-nps", n, "--disable_progress_bar"]
 
-    def _run_command(self, cmd: List[str], log_file: Path, show_progress: bool = False) -> float:
+    def pseudo_label_command(self, run: Run) -> List[str]:
+        """nnunet-foundation pseudo-label of the fold's unlabeled cases, prompted by its labeled-only model."""
+        s = self.settings
+        return ["nnunet-foundation", "pseudo-label", "-d", str(self.dataset_id), "-c", s.configuration, "-p", s.plans,
+                "-tr", self.labeled_only_run(run).trainer, "-f", str(run.fold), "--name", run.pseudo_labels,
+                "-device", "cuda" if s.device == "cuda" else "cpu"] + \
+            (["--generalists", s.pseudo_label_generalist] if s.pseudo_label_generalist is not None else [])
+
+    def training_environment(self, run: Run) -> Dict[str, str]:
+        """The trainings' environment; a cached run also names its cache (SemiSAM's setting 'pseudo_labels')."""
+        return {**self.env, "nnUNet_ssl_pseudo_labels": run.pseudo_labels} if run.pseudo_labels else self.env
+
+    def _make_pseudo_labels(self, run: Run, logs: Path) -> float:
+        lower = self.labeled_only_run(run)
+        if not (self.training_folder(lower) / "checkpoint_final.pth").is_file():
+            raise BenchmarkError(f"{run.run_id} learns from the generalist's labels of the unlabeled cases, which "
+                                 f"the model of run {lower.run_id} prompts: train that run first (it is the job "
+                                 f"line before this one; --run {lower.run_id}).")
+        print(f"      pseudo-labels: {' '.join(self.pseudo_label_command(run))}", flush=True)
+        return self._run_command(self.pseudo_label_command(run), logs / f"{run.run_id}.pseudo_label.log")
+
+    def _run_command(self, cmd: List[str], log_file: Path, show_progress: bool = False,
+                     env: Optional[Dict[str, str]] = None) -> float:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         with open(log_file, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen([_command_path(cmd[0]), *cmd[1:]], env=self.env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen([_command_path(cmd[0]), *cmd[1:]], env=env or self.env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
             for line in proc.stdout:
                 log.write(line)
@@ -440,8 +471,11 @@ class Benchmark:
                 print(f"{head}: {verb}: fold {run.fold}, {run.trainer}, {len(run.split['train'])} labeled"
                       + (f" + {len(run.split['unlabeled'])} unlabeled" if run.role == SSL else "")
                       + f" cases, {self.budget.description}", flush=True)
+                if run.pseudo_labels:  # finished cases are skipped, so a resumed run costs a model load only
+                    timings["generalist_wall_s"] = self._make_pseudo_labels(run, logs)
                 timings["train_wall_s"] = self._run_command(self.train_command(run, status == RESUME),
-                                                            logs / f"{run.run_id}.train.log", show_progress=True)
+                                                            logs / f"{run.run_id}.train.log", show_progress=True,
+                                                            env=self.training_environment(run))
                 if not (self.training_folder(run) / "checkpoint_final.pth").is_file():
                     raise BenchmarkError(f"{run.trainer} finished without {self.training_folder(run)}/"
                                          f"checkpoint_final.pth; see {logs / (run.run_id + '.train.log')}")
@@ -508,7 +542,8 @@ class Benchmark:
                  f"# {len(self.runs)} runs of the label-scarcity benchmark of {self.dataset_name} "
                  f"({self.settings.configuration}, budget '{self.settings.budget}': {self.budget.description}).",
                  "# Splits and test data are prepared; submit each command below as one job (any order, in "
-                 "parallel), then run the last line.", ""]
+                 "parallel, except that a run marked 'after' waits for the run it names), then run the last line.",
+                 ""]
         for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
             if self.env.get(key):
                 lines.append(f"export {key}={shlex.quote(self.env[key])}")
@@ -521,6 +556,9 @@ class Benchmark:
                 continue
             lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.train_command(run))}, then "
                          f"nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
+            if run.pseudo_labels:
+                lines.append(f"#   after {self.labeled_only_run(run).run_id}: first the generalist's labels of the "
+                             f"fold's unlabeled cases, prompted by that run's model ({run.pseudo_labels})")
             lines.append(shlex.join(["nnunet-foundation", *base, "--run", run.run_id]))
         lines += ["", "# when all jobs are done: the report (trains nothing that is finished)",
                   shlex.join(["nnunet-foundation", *base])]

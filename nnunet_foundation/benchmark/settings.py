@@ -51,6 +51,10 @@ class BenchmarkSettings:
     output: str = "benchmark"
     num_processes: int = 1  # nnUNetv2_predict -npp/-nps and evaluation workers
     ema_baselines: bool = True  # both bounds with nnUNetTrainerEMA (EMA export) rather than nnUNetTrainer
+    # trainers that read an offline generalist pseudo-label cache (SemiSAM's 'pseudo_labels'): per scarce fold, the
+    # fold's labeled-only model prompts the generalist (nnunet-foundation pseudo-label) once, then they train
+    cached_trainers: Tuple[str, ...] = ()
+    pseudo_label_generalist: Optional[str] = None  # JSON configuration for pseudo-label; None = its default
 
     @property
     def baseline_trainer(self) -> str:
@@ -64,17 +68,24 @@ class BenchmarkSettings:
         if self.budget not in BUDGETS:
             raise BenchmarkError(f"unknown budget '{self.budget}'; choose one of: {', '.join(BUDGETS)} "
                                  f"(see nnunet_foundation/training/budgets.py)")
-        trainers: List[str] = []
-        for name in self.trainers:
-            base = name[:-len(self.budget) - 1] if name.endswith("_" + self.budget) else name
-            if base in BASELINE_TRAINERS:
-                raise BenchmarkError(f"{self.baseline_trainer} always runs (labeled-only lower bound and fully "
-                                     f"supervised upper bound; {STOCK_TRAINER} with --no-ema-baselines); list only "
-                                     f"the semi-supervised trainers in --trainers.")
-            if base not in trainers:
-                trainers.append(base)
-        if not trainers:
+        trainers, cached = self._base_names(self.trainers), self._base_names(self.cached_trainers)
+        if not trainers and not cached:
             raise BenchmarkError("give at least one semi-supervised trainer (--trainers nnUNetTrainerMeanTeacher)")
+        both = sorted(set(trainers) & set(cached))
+        if both:
+            raise BenchmarkError(f"{both} are in --trainers and --cached-trainers: nnU-Net keeps one training folder "
+                                 f"per trainer class and fold, so a trainer runs either with its online settings or "
+                                 f"from the generalist cache in one benchmark.")
+        if self.pseudo_label_generalist is not None:
+            if not cached:
+                raise BenchmarkError("--pseudo-label-generalist configures the cache of --cached-trainers; give "
+                                     "those too")
+            from nnunet_foundation.foundation.config import GeneralistConfigError, parse_generalist_setting
+
+            try:  # a typo fails now, not after the first labeled-only training
+                parse_generalist_setting(self.pseudo_label_generalist)
+            except (GeneralistConfigError, ValueError, TypeError) as e:
+                raise BenchmarkError(f"--pseudo-label-generalist: {e}") from None
         if any(n < 1 for n in self.labeled) or not self.labeled:
             raise BenchmarkError("--labeled needs one or more counts of at least 1 labeled case")
         if not self.seeds:
@@ -94,12 +105,26 @@ class BenchmarkSettings:
             raise BenchmarkError(f"--device must be cpu, cuda or mps, not {self.device!r}")
         return BenchmarkSettings(**{**asdict(self), "labeled": tuple(sorted(set(self.labeled))),
                                     "seeds": tuple(dict.fromkeys(self.seeds)), "trainers": tuple(trainers),
+                                    "cached_trainers": tuple(cached),
                                     "tolerance": tuple(self.tolerance),
                                     # one spelling per study: sorted, and the unused test-case count zeroed
                                     "test_fraction": tuple(f"{d}={f:g}" for d, f in sorted(fractions.items())),
                                     "test_cases": 0 if self.test_list or fractions else self.test_cases,
                                     "labeled_domains": tuple(sorted(set(self.labeled_domains))),
                                     "other_seeds_at": tuple(sorted(set(self.other_seeds_at)))})
+
+    def _base_names(self, names) -> List[str]:
+        """Trainer names without the budget suffix, de-duplicated in order; the bounds' trainer is refused."""
+        out: List[str] = []
+        for name in names:
+            base = name[:-len(self.budget) - 1] if name.endswith("_" + self.budget) else name
+            if base in BASELINE_TRAINERS:
+                raise BenchmarkError(f"{self.baseline_trainer} always runs (labeled-only lower bound and fully "
+                                     f"supervised upper bound; {STOCK_TRAINER} with --no-ema-baselines); list only "
+                                     f"the semi-supervised trainers in --trainers.")
+            if base not in out:
+                out.append(base)
+        return out
 
     def trainer_class(self, base: str) -> str:
         return f"{base}_{self.budget}"
@@ -109,7 +134,11 @@ class BenchmarkSettings:
         args = ["benchmark", "-d", self.dataset, "-c", self.configuration, "-p", self.plans,
                 "--labeled", *map(str, self.labeled), "--seeds", *map(str, self.seeds),
                 *(["--other-seeds-at", *map(str, self.other_seeds_at)] if self.other_seeds_at else []),
-                "--trainers", *self.trainers, "--budget", self.budget, "--num-val", str(self.num_val)]
+                *(["--trainers", *self.trainers] if self.trainers else []),
+                *(["--cached-trainers", *self.cached_trainers] if self.cached_trainers else []),
+                *(["--pseudo-label-generalist", self.pseudo_label_generalist]
+                  if self.pseudo_label_generalist is not None else []),
+                "--budget", self.budget, "--num-val", str(self.num_val)]
         if self.test_list:
             args += ["--test-list", self.test_list]
         elif self.test_fraction:
@@ -139,6 +168,9 @@ class Run:
     seed: int
     num_labeled: Optional[int]  # None for the fully supervised run
     split: dict = field(compare=False, repr=False)  # the fold: train / val / unlabeled lists
+    # cache name in the preprocessed folder: trained from the generalist's labels made with the fold's labeled-only
+    # model (--cached-trainers); None for every other run
+    pseudo_labels: Optional[str] = None
 
     @property
     def run_id(self) -> str:
@@ -154,4 +186,5 @@ class Run:
         return {"run_id": self.run_id, "role": self.role, "trainer": self.trainer, "method": self.method,
                 "fold": self.fold, "seed": self.seed, "num_labeled": self.num_labeled,
                 "num_train": len(self.split["train"]), "num_val": len(self.split["val"]),
-                "num_unlabeled_from_split": len(self.split.get("unlabeled", []))}
+                "num_unlabeled_from_split": len(self.split.get("unlabeled", [])),
+                **({"pseudo_labels": self.pseudo_labels} if self.pseudo_labels else {})}

@@ -13,7 +13,8 @@ def run(args) -> int:
     settings = BenchmarkSettings(
         dataset=args.d, configuration=args.c, plans=args.p, labeled=tuple(args.labeled), seeds=tuple(args.seeds),
         other_seeds_at=tuple(args.other_seeds_at or ()),
-        trainers=tuple(args.trainers), budget=args.budget, num_val=args.num_val,
+        trainers=tuple(args.trainers), cached_trainers=tuple(args.cached_trainers or ()),
+        pseudo_label_generalist=args.pseudo_label_generalist, budget=args.budget, num_val=args.num_val,
         test_cases=20 if args.test_cases is None else args.test_cases, test_list=args.test_list,
         test_seed=args.test_seed, test_fraction=tuple(args.test_fraction or ()),
         labeled_domains=tuple(args.labeled_domain or ()), tolerance=tuple(args.tolerance or ()),
@@ -111,10 +112,19 @@ def register(subparsers) -> None:
     p.add_argument("--other-seeds-at", type=int, nargs="+", metavar="N",
                    help="seeds after the first only at these labeled counts, to afford a second seed where it "
                         "matters (default: every count); each seed keeps its fully supervised run")
-    p.add_argument("--trainers", nargs="+", default=["nnUNetTrainerMeanTeacher"],
+    p.add_argument("--trainers", nargs="*", default=["nnUNetTrainerMeanTeacher"],
                    help="semi-supervised trainers, without budget suffix (default: nnUNetTrainerMeanTeacher); "
                         "nnUNetTrainerEMA (or nnUNetTrainer with --no-ema-baselines) always runs as lower and "
                         "upper bound")
+    p.add_argument("--cached-trainers", nargs="+", metavar="TRAINER",
+                   help="trainers that learn from an offline generalist cache (setting 'pseudo_labels', e.g. "
+                        "nnUNetTrainerSemiSAM): per scarce fold, the fold's labeled-only model prompts the generalist "
+                        "once (nnunet-foundation pseudo-label, cache <labeled-only trainer>__<plans>__fold<F>), then "
+                        "they train; the generalist's time is reported apart. A trainer is either here or in "
+                        "--trainers")
+    p.add_argument("--pseudo-label-generalist", metavar="JSON",
+                   help="generalist configuration of that cache (JSON object or file; default: pseudo-label's, "
+                        "LiteMedSAM)")
     p.add_argument("--budget", default="cpu500",
                    help=f"training budget suffix, the same for every run (default: cpu500; one of {', '.join(BUDGETS)})")
     p.add_argument("--num-val", type=int, default=2, help="validation cases per seed (default: 2)")
