@@ -36,8 +36,8 @@
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
 # (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS), CACHED_TRAINERS those trained from the LiteMedSAM cache
-# (default: nnUNetTrainerSemiSAM), PSEUDO_LABEL_GENERALIST that cache's generalist (JSON; default LiteMedSAM),
-# MAX_SIZE the image size, NNUNET_NP the worker processes.
+# (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining), PSEUDO_LABEL_GENERALIST that cache's generalist
+# (JSON; default LiteMedSAM), MAX_SIZE the image size, NNUNET_NP the worker processes.
 set -euo pipefail
 DEVICE=${1:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 BUDGET=${2:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
@@ -46,7 +46,7 @@ JOBS=${4:-1}
 DATA=${POLYPS_DATA:-$(dirname "$0")/../../shared/data/Polyps}
 MAX_SIZE=${MAX_SIZE:-128}
 TRAINERS=${TRAINERS:-nnUNetTrainerMeanTeacher nnUNetTrainerCPS}
-CACHED_TRAINERS=${CACHED_TRAINERS-nnUNetTrainerSemiSAM}
+CACHED_TRAINERS=${CACHED_TRAINERS-nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining}
 # SemiSAM from a cache made once: the labels stay as good as they were, so they weigh fully for the whole run
 export nnUNet_ssl_sam_loss=${nnUNet_ssl_sam_loss:-ce} nnUNet_ssl_sam_weight=${nnUNet_ssl_sam_weight:-1} \
     nnUNet_ssl_sam_decay=${nnUNet_ssl_sam_decay:-0} nnUNet_ssl_sam_all_scales=${nnUNet_ssl_sam_all_scales:-true}

@@ -94,26 +94,35 @@ def test_pseudo_labels_are_written_resumed_split_and_guarded(trained, tmp_path):
     assert refused.returncode == 2 and "manifest.json was made from other inputs (generalist differ)" in refused.stderr
 
 
-def test_semisam_learns_from_the_offline_cache_and_its_labels_follow_the_augmented_crop(trained, tmp_path,
-                                                                                          monkeypatch):
-    """A cache whose label is a known function of the image (a threshold), so that alignment can be checked after
-    nnU-Net's spatial augmentation; then SemiSAM trains from it through nnUNetv2_train without any generalist."""
+def threshold_cache(env: dict, name: str, threshold: float):
+    """A 2d pseudo-label cache of fold 0's unlabeled cases whose label is a known function of the image (image >
+    threshold), with a stripe marked unknown: (cache folder, cases)."""
     from nnunet_foundation import pseudo_labels as pl
     from nnunet_foundation.unlabeled import UnlabeledImageDataset, plans_fingerprint
 
-    env, _ = trained
     base = Path(env["nnUNet_preprocessed"]) / "Dataset900_Synthetic"
     plans = json.loads((base / "nnUNetPlans.json").read_text())
     cases = pl.fold_unlabeled_cases(str(base), plans, "2d", 0)
-    folder = pl.cache_folder(str(base), "nnUNetPlans_2d", "threshold")
+    folder = pl.cache_folder(str(base), "nnUNetPlans_2d", name)
     pl.check_or_write_manifest(folder, {"configuration": "2d", "plans_fingerprint": plans_fingerprint(plans, "2d")})
     images = UnlabeledImageDataset(cases)
-    threshold = 1.0
     for case in cases:
         data = np.asarray(images.load_case(case)[0][:])
         label = (data[0] > threshold).astype(np.uint8)
         label[:, :, :2] = pl.IGNORE  # a stripe the cache says nothing about
         pl.save_case(folder, case, {"label": label})
+    return folder, cases
+
+
+def test_semisam_learns_from_the_offline_cache_and_its_labels_follow_the_augmented_crop(trained, tmp_path,
+                                                                                          monkeypatch):
+    """A cache whose label is a known function of the image (a threshold), so that alignment can be checked after
+    nnU-Net's spatial augmentation; then SemiSAM trains from it through nnUNetv2_train without any generalist."""
+    from nnunet_foundation import pseudo_labels as pl
+
+    env, _ = trained
+    threshold = 1.0
+    folder, cases = threshold_cache(env, "threshold", threshold)
 
     for k, v in env.items():
         if k.startswith("nnUNet_") or k == "OMP_NUM_THREADS":
@@ -151,3 +160,51 @@ def test_semisam_learns_from_the_offline_cache_and_its_labels_follow_the_augment
     refused = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 1, "-tr", "nnUNetTrainerSemiSAM_smoke", "-device",
                        "cpu"], env_cache, check=False)
     assert refused.returncode != 0 and "run nnunet-foundation pseudo-label" in refused.stdout + refused.stderr
+
+
+def test_self_training_learns_the_cached_labels_and_exports_an_ema(trained, monkeypatch):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_foundation import pseudo_labels as pl
+    from nnunet_foundation.training.settings import SettingsError
+
+    env, _ = trained
+    threshold_cache(env, "threshold_self", 1.0)
+    for k, v in env.items():
+        if k.startswith("nnUNet_") or k == "OMP_NUM_THREADS":
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("nnUNet_ssl_pseudo_labels", raising=False)
+    with pytest.raises(SettingsError, match="nnunet-foundation pseudo-label"):  # no cache named: refused at once
+        get_trainer_from_args(str(SYNTHETIC_ID), "2d", 0, "nnUNetTrainerSelfTraining_smoke", device=torch.device("cpu"))
+    monkeypatch.setenv("nnUNet_ssl_pseudo_labels", "threshold_self")
+    t = get_trainer_from_args(str(SYNTHETIC_ID), "2d", 0, "nnUNetTrainerSelfTraining_smoke", device=torch.device("cpu"))
+    t.on_train_start()
+    batch, unlabeled_batch = next(t.dataloader_train), next(t.dataloader_unlabeled)
+    labeled = {"data": batch["data"], "target": batch["target"]}
+    unlabeled = {"data": unlabeled_batch["data"], "pseudo_label": unlabeled_batch["pseudo_label"]}
+
+    def student_grads(weight, batch_u):
+        t.unsup_weight = lambda: weight
+        t.optimizer.zero_grad(set_to_none=True)
+        parts = t.compute_losses(labeled, batch_u)
+        parts.total.backward()
+        return [p.grad.detach().clone() for p in t.network.parameters() if p.grad is not None], parts.logs
+
+    g0, _ = student_grads(0.0, unlabeled)
+    g1, logs = student_grads(1.0, unlabeled)
+    assert float(logs["unsup_loss"]) > 0 and 0.5 < logs["pseudo_coverage"] < 1.0  # the unknown stripe is left out
+    assert any(not torch.allclose(a, b) for a, b in zip(g0, g1)), "the pseudo-label term must reach the student"
+    # voxels the cache knows nothing about teach nothing
+    unknown = {**unlabeled, "pseudo_label": torch.full_like(unlabeled["pseudo_label"], pl.IGNORE)}
+    g2, logs = student_grads(1.0, unknown)
+    assert logs["pseudo_coverage"] == 0.0 and all(torch.allclose(a, b) for a, b in zip(g0, g2))
+    assert t.inference_network() is not t.network  # the EMA of the weights is what nnU-Net exports
+    # the real command trains from the cache; the term was > 0 in every epoch
+    proc = run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", "nnUNetTrainerSelfTraining_smoke", "-device",
+                    "cpu"], {**env, "nnUNet_ssl_pseudo_labels": "threshold_self"})
+    assert "Self-training on the pseudo-labels of the offline cache" in proc.stdout
+    checkpoint = torch.load(Path(env["nnUNet_results"]) / "Dataset900_Synthetic" /
+                            "nnUNetTrainerSelfTraining_smoke__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth",
+                            map_location="cpu", weights_only=False)
+    assert all(v > 0 for v in checkpoint["logging"]["unsup_loss"])
+    assert set(checkpoint["ssl_state"]) >= {"ema_weights"}
