@@ -9,7 +9,13 @@ in ``nnUNet_results``):
     OUTPUT/runs/<run_id>/run.json           the claim: this run's fold (and its digest) trains in <training folder>
     OUTPUT/runs/<run_id>/result.json        written last: evaluation, training curves, timings (= "finished")
     OUTPUT/predictions/<run_id>/            nnUNetv2_predict output for the test cases
-    OUTPUT/logs/<run_id>.train.log, ...     full output of every command
+    OUTPUT/logs/<run_id>.train.log, ...     full output of every command (.pseudo_label.log: a cached run's
+                                            generalist pass, see --cached-trainers)
+
+A ``--cached-trainers`` run also reads, and the first time writes, the pseudo-label cache of its fold in the
+preprocessed folder (``<data identifier>_pseudo_labels/<labeled-only trainer>__<plans>__fold<F>``; nnunet-foundation
+pseudo-label refuses a cache made from another model or generalist, so a retrained labeled-only run needs that cache
+folder moved away).
 
 Resuming: a run whose ``result.json`` matches its current ``checkpoint_final.pth`` and fold is skipped; a trained
 run without result is predicted and evaluated; a training with ``checkpoint_latest.pth`` only resumes with ``--c``.
