@@ -2,6 +2,8 @@
 nnU-Net through nnUNet_extTrainer (also without the optional foundation-model packages)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -174,13 +176,16 @@ def test_trainer_path_command_prints_the_trainers_folder():
 def test_every_subcommand_has_help():
     from nnunet_foundation.cli import build_parser
 
-    top = run_cli(["nnunet-foundation", "--help"], dict(os.environ)).stdout
+    top = run_cli(["nnunet-foundation", "--help"], dict(os.environ)).stdout  # the console script itself
     subcommands = build_parser()._subparsers._group_actions[0].choices
     assert {"trainer-path", "preprocess-unlabeled", "make-splits", "demo"} <= set(subcommands)
     for name in subcommands:
         assert name in top
-        proc = run_cli(["nnunet-foundation", name, "--help"], dict(os.environ))
-        assert "usage: nnunet-foundation " + name in proc.stdout
+        # in-process: the same parser the console script builds, without a Python start-up per subcommand
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([name, "--help"])
+        assert exit_info.value.code == 0 and "usage: nnunet-foundation " + name in out.getvalue()
 
 
 def test_every_trainer_keeps_nnunets_init_signature():
