@@ -430,8 +430,9 @@ class Benchmark:
             raise BenchmarkError(f"{run.run_id} learns from the generalist's labels of the unlabeled cases, which "
                                  f"the model of run {lower.run_id} prompts: train that run first (it is the job "
                                  f"line before this one; --run {lower.run_id}).")
-        print(f"      pseudo-labels: {' '.join(self.pseudo_label_command(run))}", flush=True)
-        return self._run_command(self.pseudo_label_command(run), logs / f"{run.run_id}.pseudo_label.log")
+        cmd = self.pseudo_label_command(run)
+        print(f"      pseudo-labels: {' '.join(cmd)}", flush=True)
+        return self._run_command(cmd, logs / f"{run.run_id}.pseudo_label.log")
 
     def _run_command(self, cmd: List[str], log_file: Path, show_progress: bool = False,
                      env: Optional[Dict[str, str]] = None) -> float:

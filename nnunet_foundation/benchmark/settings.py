@@ -121,7 +121,7 @@ class BenchmarkSettings:
             if base in BASELINE_TRAINERS:
                 raise BenchmarkError(f"{self.baseline_trainer} always runs (labeled-only lower bound and fully "
                                      f"supervised upper bound; {STOCK_TRAINER} with --no-ema-baselines); list only "
-                                     f"the semi-supervised trainers in --trainers.")
+                                     f"the semi-supervised trainers in --trainers and --cached-trainers.")
             if base not in out:
                 out.append(base)
         return out

@@ -113,9 +113,9 @@ def register(subparsers) -> None:
                    help="seeds after the first only at these labeled counts, to afford a second seed where it "
                         "matters (default: every count); each seed keeps its fully supervised run")
     p.add_argument("--trainers", nargs="*", default=["nnUNetTrainerMeanTeacher"],
-                   help="semi-supervised trainers, without budget suffix (default: nnUNetTrainerMeanTeacher); "
-                        "nnUNetTrainerEMA (or nnUNetTrainer with --no-ema-baselines) always runs as lower and "
-                        "upper bound")
+                   help="semi-supervised trainers, without budget suffix (default: nnUNetTrainerMeanTeacher; "
+                        "'--trainers' alone: none, for a benchmark of --cached-trainers only); nnUNetTrainerEMA (or "
+                        "nnUNetTrainer with --no-ema-baselines) always runs as lower and upper bound")
     p.add_argument("--cached-trainers", nargs="+", metavar="TRAINER",
                    help="trainers that learn from an offline generalist cache (setting 'pseudo_labels', e.g. "
                         "nnUNetTrainerSemiSAM): per scarce fold, the fold's labeled-only model prompts the generalist "

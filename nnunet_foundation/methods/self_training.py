@@ -63,20 +63,16 @@ class nnUNetTrainerSelfTraining(nnUNetTrainerSemiSupervised):
         return self.ema
 
     def offline_pseudo_labels(self, unlabeled_cases):
-        from nnunet_foundation.pseudo_labels import open_cache
-
-        reader = open_cache(self.ssl_settings["pseudo_labels"], self.preprocessed_dataset_folder_base,
-                            self.plans_manager.plans, self.configuration_name, unlabeled_cases)
+        reader = self.open_pseudo_label_cache(unlabeled_cases)
         self.print_to_log_file(f"Self-training on the pseudo-labels of the offline cache {reader.folder}")
         return reader
 
     def compute_losses(self, labeled, unlabeled):
-        from nnunet_foundation.training.unlabeled_stream import PSEUDO_IGNORE
+        from nnunet_foundation.training.unlabeled_stream import known_pseudo_label
 
         out_l, out_u = self.forward_labeled_and_unlabeled(labeled["data"], unlabeled["data"])
-        label = unlabeled["pseudo_label"][:, 0].long()
-        known = (label >= 0) & (label != PSEUDO_IGNORE)
-        term = over_scales(ce_dice, self.deep_supervision_weights(), out_u, torch.where(known, label, 0), known)
+        label, known = known_pseudo_label(unlabeled["pseudo_label"])
+        term = over_scales(ce_dice, self.deep_supervision_weights(), out_u, label, known)
         weight = self.unsup_weight()
         return LossParts(self.supervised_loss(out_l, labeled["target"]), weight * term,
                          {"unsup_loss": term.detach(), "unsup_weight": weight,

@@ -125,10 +125,7 @@ class SAMGuidance:
     def offline_pseudo_labels(self, unlabeled_cases):
         if not self.ssl_settings["pseudo_labels"]:
             return None
-        from nnunet_foundation.pseudo_labels import open_cache
-
-        reader = open_cache(self.ssl_settings["pseudo_labels"], self.preprocessed_dataset_folder_base,
-                            self.plans_manager.plans, self.configuration_name, unlabeled_cases)
+        reader = self.open_pseudo_label_cache(unlabeled_cases)
         self.print_to_log_file(f"SemiSAM pseudo-labels from the offline cache {reader.folder} (no generalist is run "
                                f"during training)")
         return reader
@@ -221,11 +218,10 @@ class SAMGuidance:
                                  loss, logs):
         """The SAM term towards an offline pseudo-label ``(B, 1, *patch)``: one-hot where it says something, no
         weight where it holds the ignore value (not prompted, not confident, or outside the image)."""
-        from nnunet_foundation.training.unlabeled_stream import PSEUDO_IGNORE
+        from nnunet_foundation.training.unlabeled_stream import known_pseudo_label
 
-        label = label[:, 0].long()
-        known = (label >= 0) & (label != PSEUDO_IGNORE)
-        target = F.one_hot(torch.where(known, label, 0), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+        label, known = known_pseudo_label(label)
+        target = F.one_hot(label, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
         term = self.sam_consistency(student_out_u, target, known.unsqueeze(1).to(probs.dtype))
         with torch.no_grad():
             agreement = ((target.argmax(1) == probs.argmax(1)) & known).float().sum() / known.sum().clamp_min(1)

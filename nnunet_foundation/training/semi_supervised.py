@@ -213,8 +213,17 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def offline_pseudo_labels(self, unlabeled_cases: List[str]):
         """``case -> pseudo-label map`` read with the unlabeled crops (``batch['pseudo_label']``), or None. A method
-        that learns from an offline pseudo-label cache (``nnunet-foundation pseudo-label``) returns its reader."""
+        that learns from an offline pseudo-label cache (``nnunet-foundation pseudo-label``) returns its reader
+        (:meth:`open_pseudo_label_cache`)."""
         return None
+
+    def open_pseudo_label_cache(self, unlabeled_cases: List[str]):
+        """The reader of the offline cache named by the setting ``pseudo_labels``, checked against these plans and
+        cases (errors name the command that makes or completes it)."""
+        from nnunet_foundation.pseudo_labels import open_cache
+
+        return open_cache(self.ssl_settings["pseudo_labels"], self.preprocessed_dataset_folder_base,
+                          self.plans_manager.plans, self.configuration_name, unlabeled_cases)
 
     def extra_optimizers(self) -> List[Tuple[torch.optim.Optimizer, nn.Module]]:
         """The registered (optimiser, module) pairs stepped together with nnU-Net's own optimiser."""

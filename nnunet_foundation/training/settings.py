@@ -141,14 +141,9 @@ def package_trainer_classes() -> list:
             continue
         seen.add(cls)
         pending.extend(cls.__subclasses__())
-        if cls.__module__.startswith("nnunet_foundation.") and "default_settings" in vars_of_mro(cls):
+        if cls.__module__.startswith("nnunet_foundation.") and hasattr(cls, "default_settings"):
             classes.append(cls)
     return classes
-
-
-def vars_of_mro(cls) -> set:
-    """Attribute names defined by ``cls`` or one of its bases other than nnU-Net's own classes."""
-    return {name for base in cls.__mro__ if base.__module__.startswith("nnunet_foundation.") for name in vars(base)}
 
 
 def settings_of_other_trainers(own: Mapping[str, Any]) -> Dict[str, str]:

@@ -36,6 +36,14 @@ _GEOMETRIC_TRANSFORMS = (SpatialTransform, MirrorTransform, Convert3DTo2DTransfo
 PSEUDO_IGNORE = 255
 
 
+def known_pseudo_label(pseudo_label: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``batch['pseudo_label']`` ``(B, 1, *patch)`` -> (class indices ``(B, *patch)``, 0 where the cache says
+    nothing; the mask of voxels it does say something about)."""
+    label = pseudo_label[:, 0].long()
+    known = (label >= 0) & (label != PSEUDO_IGNORE)
+    return torch.where(known, label, torch.zeros_like(label)), known
+
+
 def _inner(t):
     return t.transform if isinstance(t, RandomTransform) else t
 

@@ -91,10 +91,9 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
             return None
         import json
 
-        from nnunet_foundation.pseudo_labels import MANIFEST, open_cache
+        from nnunet_foundation.pseudo_labels import MANIFEST
 
-        reader = open_cache(self.ssl_settings["pseudo_labels"], self.preprocessed_dataset_folder_base,
-                            self.plans_manager.plans, self.configuration_name, unlabeled_cases)
+        reader = self.open_pseudo_label_cache(unlabeled_cases)
         with open(os.path.join(reader.folder, MANIFEST)) as f:
             made_by = json.load(f).get("sfr_generalist_sha256")
         if made_by != self.sfr_manifest["final_sha256"]:
@@ -135,11 +134,9 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
         weight = float(self.ssl_settings["sfr_weight"])
         started = time.perf_counter()
         if "pseudo_label" in unlabeled:
-            from nnunet_foundation.training.unlabeled_stream import PSEUDO_IGNORE
+            from nnunet_foundation.training.unlabeled_stream import known_pseudo_label
 
-            label = unlabeled["pseudo_label"][:, 0].long()
-            known = (label >= 0) & (label != PSEUDO_IGNORE)
-            label = torch.where(known, label, torch.zeros_like(label))
+            label, known = known_pseudo_label(unlabeled["pseudo_label"])
         else:
             label = self.online_pseudo_label(unlabeled["data"]).to(student_out_u[0].device)
             known = None
