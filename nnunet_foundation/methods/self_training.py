@@ -51,10 +51,16 @@ class nnUNetTrainerSelfTraining(nnUNetTrainerSemiSupervised):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if not self.ssl_settings["pseudo_labels"]:
+            self.ssl_settings["pseudo_labels"] = self.default_pseudo_label_cache()
+        if not self.ssl_settings["pseudo_labels"]:
             raise SettingsError(f"{type(self).__name__} learns the unlabeled cases from an offline pseudo-label "
                                 f"cache: make one with 'nnunet-foundation pseudo-label -d DATASET -c "
                                 f"{configuration} -tr TRAINER -f {fold}' and name it with nnUNet_ssl_pseudo_labels "
                                 f"(the command prints the cache's name).")
+
+    def default_pseudo_label_cache(self) -> str:
+        """The cache to learn from when the setting names none: none here; IFL's round trainers name their round's."""
+        return ""
 
     def build_ssl_modules(self):
         self.ema = self.add_ema_teacher("ema_weights", self.network, self.ssl_settings["ema_decay"])
