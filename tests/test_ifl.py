@@ -1,9 +1,15 @@
-"""IFL's building blocks (issue 16): key slices chosen from the history of predictions, and slice-to-slice propagation
-with the real LiteMedSAM along a tube-like object. (The round loop is not built yet.)"""
+"""IFL (issue 16): key slices chosen from the history of predictions, slice-to-slice propagation with the real
+LiteMedSAM along a tube-like object, one case's round pseudo-label, and the rounds end to end through
+``nnunet-foundation ifl`` and the real nnUNetv2_* commands (a tiny SAM keeps that fast)."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import SYNTHETIC_ID, SYNTHETIC_NAME, copy_nnunet_tree, run_cli, write_split
 
 from nnunet_foundation.methods.ifl.keyframes import KeySliceSettings, key_slices, slice_uncertainty
 from nnunet_foundation.methods.ifl.propagation import combine_classes, propagate_class
@@ -76,3 +82,121 @@ def test_litemedsam_propagation_follows_the_tube_beyond_the_one_slice_nnunet_fou
     dice = [2 * ((probability[z] > 0.5) & truth[z]).sum() / ((probability[z] > 0.5).sum() + truth[z].sum())
             for z in range(len(truth))]
     assert min(dice) > 0.8, dice  # the mask follows the moving disc, it is not the start slice's mask copied
+
+
+class BrightInBox:
+    """A stand-in generalist for :func:`pseudo_label_from_history`: the bright pixels inside the prompted box (what a
+    box-prompted model does with a clean object)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def segment_slices(self, slices, prompts, image_index):
+        import torch
+
+        self.calls += 1
+        x0, y0, x1, y1 = (int(v) for v in prompts[0].box)
+        out = torch.full((1, *slices.shape[1:]), -10.0)
+        out[0, y0:y1 + 1, x0:x1 + 1] = torch.where(slices[image_index[0], y0:y1 + 1, x0:x1 + 1] > 0.5, 10.0, -10.0)
+        return out, None, 1
+
+    device = "cpu"
+
+
+def test_round_pseudo_label_extends_confirmed_objects_and_ignores_what_no_walk_confirmed():
+    from nnunet_foundation.methods.ifl.rounds import RoundSettings, pseudo_label_from_history
+    from nnunet_foundation.pseudo_labels import IGNORE
+
+    # class 1: a square through all 6 slices that nnU-Net found on slices 1-3 only; class 2: one speck nnU-Net
+    # predicts on slice 5 at 0.6, too small to prompt (min_pixels) - nothing confirms it
+    image = np.zeros((1, 6, 16, 16), np.float32)
+    image[0, :, 4:12, 4:12] = 1
+    softmax = np.zeros((3, 6, 16, 16), np.float32)
+    softmax[0] = 1
+    softmax[:, 1:4, 4:12, 4:12] = np.array([0.05, 0.95, 0])[:, None, None, None]
+    softmax[:, 5, 0:2, 0:2] = np.array([0.4, 0, 0.6])[:, None, None]
+    generalist = BrightInBox()
+    out = pseudo_label_from_history(image, [softmax], generalist, axis=0, channel=0,
+                                    settings=RoundSettings(min_confidence=0.5))
+    label = out["label"]
+    assert label.shape == (6, 16, 16) and out["probabilities"].shape == (3, 6, 16, 16)
+    assert (label[:, 4:12, 4:12] == 1).all()  # the walk carried class 1 to slices nnU-Net missed (0, 4, 5)
+    assert (label[5, 0:2, 0:2] == IGNORE).all()  # nnU-Net's unconfirmed class 2 is not taught as class or background
+    assert (label[:, 12:, 12:] == 0).all() and out["covered"].all()
+    assert out["agreement"][0] == pytest.approx(2 * 3 / (6 + 3))  # Dice(pseudo-label, nnU-Net) of class 1
+    # the same along another axis: the slicing axis is honoured and the maps come back in the input layout
+    moved = pseudo_label_from_history(np.moveaxis(image, 1, 3), [np.moveaxis(softmax, 1, 3)], BrightInBox(), axis=2,
+                                      channel=0, settings=RoundSettings(min_confidence=0.5))
+    assert (moved["label"] == np.moveaxis(label, 0, 2)).all()
+
+
+def ifl_tree(synthetic_dataset, tmp_path):
+    """A tree whose fold 0 has 4 labeled, 2 validation and 2 split-unlabeled cases; the unlabeled cases' label files
+    are deleted from the preprocessed data, so reading one fails (IFL never reads labels)."""
+    env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
+    folder = Path(env["nnUNet_preprocessed"]) / SYNTHETIC_NAME / "nnUNetPlans_2d"
+    cases = sorted(p.name[:-len(".b2nd")] for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
+    unlabeled = cases[6:8]
+    write_split(env, [{"train": cases[:4], "val": cases[4:6], "unlabeled": unlabeled}])
+    for case in unlabeled:
+        (folder / f"{case}_seg.b2nd").unlink()
+    return env, unlabeled
+
+
+@pytest.mark.e2e
+def test_ifl_rounds_through_the_cli_resume_by_parts_and_predict(synthetic_dataset, tmp_path):
+    import torch
+
+    from nnunet_foundation.foundation.tiny import save_tiny_sam_checkpoint
+
+    env, unlabeled = ifl_tree(synthetic_dataset, tmp_path)
+    checkpoint = save_tiny_sam_checkpoint(tmp_path / "tiny_sam.pth", seed=1)
+    generalist = json.dumps({"backend": "sam", "model_type": "tiny", "checkpoint": str(checkpoint)})
+    command = ["nnunet-foundation", "ifl", "-d", SYNTHETIC_ID, "-c", "2d", "-f", 0, "--budget", "smoke",
+               "--generalists", generalist, "--num-key-slices", 1]
+    results = Path(env["nnUNet_results"]) / SYNTHETIC_NAME
+    work = results / "IFL__nnUNetPlans__2d" / "fold_0"
+    caches = Path(env["nnUNet_preprocessed"]) / SYNTHETIC_NAME / "nnUNetPlans_2d_pseudo_labels"
+
+    def fold(trainer):
+        return results / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+
+    def rounds():
+        return json.loads((work / "ifl_log.json").read_text())["rounds"]
+
+    first = run_cli([*command, "--rounds", 1], env)
+    assert [e["round"] for e in rounds()] == [0, 1] and "final model is round 1's" in first.stdout
+    assert 0.0 <= rounds()[1]["agreement"] <= 1.0 and rounds()[1]["validation_dice"] is not None
+    train_log = (work / "logs" / "round1.train.log").read_text()
+    assert f"Loading pretrained weights from file  {fold('nnUNetTrainerEMA_smoke') / 'checkpoint_final.pth'}" in \
+        train_log  # warm start from round 0
+    settings = json.loads((fold("nnUNetTrainerIFLRound1_smoke") / "ssl_settings.json").read_text())["settings"]
+    assert settings["pseudo_labels"] == "IFL__nnUNetPlans__fold0__round1"  # the round trainer names its own cache
+    for case in unlabeled:
+        with np.load(caches / "IFL__nnUNetPlans__fold0__round1" / f"{case}.npz") as npz:
+            assert set(np.unique(npz["label"])) <= {0, 1, 2, 255} and npz["probabilities"].shape[0] == 3
+    round0 = (fold("nnUNetTrainerEMA_smoke") / "checkpoint_final.pth").stat().st_mtime_ns
+
+    # round 2 pseudo-labelled in parts, as on two machines; the first part alone is what a kill mid-round leaves
+    part = run_cli([*command, "--rounds", 2, "-part_id", 1, "-num_parts", 2], env)
+    assert "part 2/2 of round 2 done" in part.stdout
+    assert len(list((caches / "IFL__nnUNetPlans__fold0__round2").glob("*.npz"))) == 1
+    assert not fold("nnUNetTrainerIFLRound2_smoke").exists()
+    finish = run_cli([*command, "--rounds", 2], env)
+    assert "1 already done, 1 to do" in finish.stdout and "final model is round 2's" in finish.stdout
+    assert [e["round"] for e in rounds()] == [0, 1, 2] and 0.0 <= rounds()[2]["pseudo_label_change"] <= 1.0
+    assert (fold("nnUNetTrainerEMA_smoke") / "checkpoint_final.pth").stat().st_mtime_ns == round0  # not retrained
+    assert not (work / "round0" / "softmax").exists() and (work / "round1" / "softmax").is_dir()  # history of 2
+    assert (work / "ifl_progress.png").stat().st_size > 0
+    checkpoint2 = torch.load(fold("nnUNetTrainerIFLRound2_smoke") / "checkpoint_final.pth", map_location="cpu",
+                             weights_only=False)
+    assert all(v > 0 for v in checkpoint2["logging"]["unsup_loss"])
+
+    refused = run_cli([*command, "--rounds", 2, "--history", 3], env, check=False)
+    assert refused.returncode == 2 and "other inputs (settings differ)" in refused.stderr
+    # every round is an ordinary nnU-Net run: stock prediction with round 2's model
+    out = tmp_path / "predictions"
+    run_cli(["nnUNetv2_predict", "-i", Path(env["nnUNet_raw"]) / SYNTHETIC_NAME / "imagesTs", "-o", out, "-d",
+             SYNTHETIC_ID, "-c", "2d", "-f", 0, "-tr", "nnUNetTrainerIFLRound2_smoke", "-device", "cpu", "-npp", 1,
+             "-nps", 1, "--disable_progress_bar"], env)
+    assert len(list(out.glob("*.nii.gz"))) == 2

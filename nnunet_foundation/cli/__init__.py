@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.pseudo_label",
     "nnunet_foundation.cli.weak_labels",
     "nnunet_foundation.cli.sfr",
+    "nnunet_foundation.cli.ifl",
 ]
 
 

@@ -1,2 +1,3 @@
-"""IFL (iterative foundation-dedicated learning): key slices from the rounds' predictions (keyframes.py) and their
-propagation by a box-prompted generalist (propagation.py). The round loop (nnunet-foundation ifl) is not built yet."""
+"""IFL (iterative foundation-dedicated learning): key slices from the rounds' predictions (keyframes.py), their
+propagation by a box-prompted generalist (propagation.py), the per-round pseudo-labels (rounds.py) and the round
+trainers (trainer.py); ``nnunet-foundation ifl`` (cli/ifl.py) runs the rounds."""
