@@ -1,5 +1,6 @@
 """IFL (issue 16): key slices chosen from the history of predictions, slice-to-slice propagation with the real
-LiteMedSAM along a tube-like object, one case's round pseudo-label, and the rounds end to end through
+LiteMedSAM along a tube-like object, SAM2 video propagation (tiny model), one case's round pseudo-label, and the
+rounds end to end through
 ``nnunet-foundation ifl`` and the real nnUNetv2_* commands (a tiny SAM keeps that fast)."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import SYNTHETIC_ID, SYNTHETIC_NAME, copy_nnunet_tree, run_cli, write_split
 
-from nnunet_foundation.methods.ifl.keyframes import KeySliceSettings, key_slices, slice_uncertainty
+from nnunet_foundation.methods.ifl.keyframes import KeySlice, KeySliceSettings, key_slices, slice_uncertainty
 from nnunet_foundation.methods.ifl.propagation import combine_classes, propagate_class
 
 
@@ -200,3 +201,45 @@ def test_ifl_rounds_through_the_cli_resume_by_parts_and_predict(synthetic_datase
              SYNTHETIC_ID, "-c", "2d", "-f", 0, "-tr", "nnUNetTrainerIFLRound2_smoke", "-device", "cpu", "-npp", 1,
              "-nps", 1, "--disable_progress_bar"], env)
     assert len(list(out.glob("*.nii.gz"))) == 2
+
+
+def test_sam2_video_propagation_one_memory_per_class_and_the_walk_rules(tmp_path):
+    """SAM2's video predictor (a tiny model of the real classes: no SAM2 weights install offline) tracks each class
+    as its own object from its key-slice boxes; tracking another class in between changes nothing (no shared
+    memory), and the walk's rules cut a track where nnU-Net sees nothing and the mask would grow."""
+    pytest.importorskip("sam2")
+    import torch
+
+    from nnunet_foundation.foundation import build_generalist
+    from nnunet_foundation.foundation.tiny import save_tiny_sam2_checkpoint
+    from nnunet_foundation.methods.ifl.propagation import PropagationSettings, propagate_class_video, video_state
+
+    checkpoint = save_tiny_sam2_checkpoint(tmp_path / "tiny_sam2.pt", seed=0)
+    generalist = build_generalist({"backend": "sam2_video", "model_type": "tiny", "checkpoint": str(checkpoint)})
+    with torch.no_grad():  # a random object-score head decides at random whether the object is there: make it see it
+        generalist.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(20.0)
+    volume, truth = tube()
+    history = [np.stack([~truth, truth, np.zeros_like(truth)]).astype(np.float32)]
+    starts = key_slices(history, KeySliceSettings(num_key_slices=1))[1]
+    state = video_state(generalist, volume)
+    anything = PropagationSettings(min_pixels=0, min_agreement=0.0, max_growth=float("inf"))
+    probability, reached = propagate_class_video(generalist, state, truth, starts, anything)
+    assert reached.all() and probability.shape == truth.shape
+    assert not all(np.allclose(probability[z], probability[starts[0].slice_index]) for z in range(len(truth)))
+    # another class tracked in the same state (other box, other slice), then class 1 again: identical
+    other = [KeySlice(2, 5, 0.0, np.array([2, 2, 12, 12], np.float32), truth[5], np.array([7, 7], np.float32))]
+    propagate_class_video(generalist, state, truth, other, anything)
+    again, _ = propagate_class_video(generalist, state, truth, starts, anything)
+    np.testing.assert_allclose(again, probability, atol=1e-5)
+    # nnU-Net sees nothing beyond the key slice and no growth is allowed: the track is cut next to the key slice
+    only_key = np.zeros_like(truth)
+    only_key[starts[0].slice_index] = truth[starts[0].slice_index]
+    _, cut = propagate_class_video(generalist, state, only_key, starts,
+                                   PropagationSettings(min_pixels=0, min_agreement=0.0, max_growth=0.0))
+    assert cut.tolist() == [z == starts[0].slice_index for z in range(len(truth))]
+    # a round's pseudo-label takes the video path for this backend
+    from nnunet_foundation.methods.ifl.rounds import RoundSettings, pseudo_label_from_history
+
+    out = pseudo_label_from_history(volume[None], history, generalist, axis=0, channel=0,
+                                    settings=RoundSettings(propagation=anything))
+    assert out["covered"].all() and (out["label"] == 1).any() and out["agreement"][0] > 0

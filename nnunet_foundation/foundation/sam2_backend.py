@@ -277,6 +277,11 @@ class SAM2VideoGeneralist(Generalist):
     def slice_axis(self) -> int:
         return self.config.axis if self.config.axis is not None else choose_slice_axis(self.config.spacing)
 
+    def configure_hole_filling(self) -> None:
+        """SAM2's hole filling where its CUDA kernel is there; off elsewhere (same result, no warning per frame)."""
+        self.sam2.fill_hole_area = self._fill_hole_area if (
+            self.device.type == "cuda" and _has_connected_components_kernel()) else 0
+
     # ------------------------------------------------------------------------------------ inference state
     def encode_frames(self, frames: torch.Tensor) -> List[Dict[str, List[torch.Tensor]]]:
         """``forward_image`` of every frame, batched by ``encoder_batch_size``, split into per-frame backbone outputs
@@ -428,8 +433,7 @@ class SAM2VideoGeneralist(Generalist):
         prompted = torch.zeros((b_count, k_count), dtype=torch.bool, device=device)
         prompted[:, 0] = True
         has_scores = bool(self.sam2.pred_obj_scores)
-        self.sam2.fill_hole_area = self._fill_hole_area if (
-            device.type == "cuda" and _has_connected_components_kernel()) else 0
+        self.configure_hole_filling()
         num_encoded = 0
         covered_slices = torch.zeros((b_count, s_count), dtype=torch.bool)
         with torch.no_grad(), _autocast(device):

@@ -11,6 +11,12 @@ nnU-Net misses the class but the structure continues, the walk goes on: that is 
 Semantic-aware memory (the LiteMedSAM path of IFL's per-class memory groups; ours): each class has its own walks and
 state, never seeded by another class's masks; classes meet only in :func:`combine_classes`, which resolves a voxel
 claimed by several classes by the highest probability.
+
+With SAM2's video predictor (``backend: sam2_video``; :func:`propagate_class_video`) the slices are the frames of a
+video: all frames are encoded once per case, and each class is one tracked object with its own memory (the state is
+reset between classes, so no class's memory conditions another's), conditioned on that class's key-slice boxes and
+propagated both ways by SAM2 itself. The same stopping rules then cut each track where, walking away from a key
+slice, a frame's mask vanishes, SAM2 judges the object absent, or the mask disagrees with nnU-Net or balloons.
 """
 from __future__ import annotations
 
@@ -51,6 +57,15 @@ def segment_with_box(generalist, image_slice: np.ndarray, box: np.ndarray, class
     return torch.sigmoid(logits[0].float()).cpu().numpy()
 
 
+def _keeps_going(mask: np.ndarray, previous: np.ndarray, specialist: np.ndarray, settings: PropagationSettings) -> bool:
+    """Whether a walk accepts the next slice's mask (see the module docstring for the rules)."""
+    if mask.sum() < settings.min_pixels:
+        return False
+    if specialist.any() and mask_dice(mask, specialist) < settings.min_agreement:
+        return False
+    return specialist.any() or mask.sum() <= settings.max_growth * previous.sum()
+
+
 def propagate_class(generalist, volume: np.ndarray, specialist_mask: np.ndarray, starts: Sequence[KeySlice],
                     settings: PropagationSettings = PropagationSettings()) -> Tuple[np.ndarray, np.ndarray]:
     """(probability ``(Z, H, W)`` of the class, slices reached ``(Z,)`` bool) for one class of one case.
@@ -72,14 +87,53 @@ def propagate_class(generalist, volume: np.ndarray, specialist_mask: np.ndarray,
             while 0 <= k < volume.shape[0] and not reached[k]:
                 q = segment_with_box(generalist, volume[k], _box_of(previous, settings.margin_pixels),
                                      start.class_index)
-                mask, specialist = q > 0.5, specialist_mask[k]
-                if mask.sum() < settings.min_pixels:
-                    break
-                if specialist.any() and mask_dice(mask, specialist) < settings.min_agreement:
-                    break
-                if not specialist.any() and mask.sum() > settings.max_growth * previous.sum():
+                mask = q > 0.5
+                if not _keeps_going(mask, previous, specialist_mask[k], settings):
                     break
                 probability[k], reached[k] = q, True
+                previous, k = mask, k + step
+    return probability, reached
+
+
+def video_state(generalist, volume: np.ndarray):
+    """SAM2's inference state of one case: the slices of ``volume`` ``(Z, H, W)`` as frames, encoded once."""
+    from nnunet_foundation.foundation.sam2_backend import _autocast, to_sam2_frames
+
+    generalist.configure_hole_filling()
+    with torch.no_grad(), _autocast(generalist.device):
+        frames, _ = to_sam2_frames(torch.from_numpy(np.ascontiguousarray(volume)).float().to(generalist.device),
+                                   generalist.image_size)
+        return generalist.init_state(frames, tuple(volume.shape[1:]))
+
+
+def propagate_class_video(generalist, state, specialist_mask: np.ndarray, starts: Sequence[KeySlice],
+                          settings: PropagationSettings = PropagationSettings()) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`propagate_class` with SAM2's video predictor: one tracked object (this class) conditioned on the box of
+    each key slice, propagated both ways by SAM2, then cut by the walk's stopping rules from each key slice."""
+    from nnunet_foundation.foundation.prompts import SlicePrompt
+    from nnunet_foundation.foundation.sam2_backend import _autocast
+
+    prompts = [SlicePrompt(batch_index=0, class_index=k.class_index, slice_index=k.slice_index,
+                           points=torch.zeros((0, 2), dtype=torch.float32), labels=torch.zeros((0,), dtype=torch.long),
+                           box=torch.from_numpy(k.box.astype(np.float32))) for k in starts]
+    with torch.no_grad(), _autocast(generalist.device):
+        logits, scores = generalist.track(state, prompts)
+    tracked = torch.sigmoid(logits.float()).cpu().numpy()
+    present = np.ones(len(tracked), bool) if scores is None else scores.float().cpu().numpy() > 0.5
+    probability = np.zeros(tracked.shape, np.float32)
+    reached = np.zeros(len(tracked), bool)
+    for start in starts:
+        z = start.slice_index
+        if reached[z] or not present[z] or (tracked[z] > 0.5).sum() < settings.min_pixels:
+            continue
+        probability[z], reached[z] = tracked[z], True
+        for step in (-1, 1):
+            previous, k = tracked[z] > 0.5, z + step
+            while 0 <= k < len(tracked) and not reached[k] and present[k]:
+                mask = tracked[k] > 0.5
+                if not _keeps_going(mask, previous, specialist_mask[k], settings):
+                    break
+                probability[k], reached[k] = tracked[k], True
                 previous, k = mask, k + step
     return probability, reached
 

@@ -29,7 +29,8 @@ import torch
 
 from nnunet_foundation.atomic_files import write_atomically, write_json_atomically
 from nnunet_foundation.methods.ifl.keyframes import KeySliceSettings, key_slices, mask_dice
-from nnunet_foundation.methods.ifl.propagation import PropagationSettings, combine_classes, propagate_class
+from nnunet_foundation.methods.ifl.propagation import (PropagationSettings, combine_classes, propagate_class,
+                                                      propagate_class_video, video_state)
 from nnunet_foundation.pseudo_labels import IGNORE, save_case
 
 LOG_FILE = "ifl_log.json"
@@ -89,10 +90,12 @@ def pseudo_label_from_history(image: np.ndarray, history: Sequence[np.ndarray], 
     latest = maps[-1].argmax(0)
     num_classes = maps[-1].shape[0]
     starts = key_slices(maps, settings.key)
+    video = video_state(generalist, volume) if starts and hasattr(generalist, "track") else None  # SAM2 video
     probabilities, reached = [], []
     for c in range(1, num_classes):
         if c in starts:  # each class walks on its own: no class's masks seed another's (semantic-aware memory)
-            p, r = propagate_class(generalist, volume, latest == c, starts[c], settings.propagation)
+            p, r = propagate_class(generalist, volume, latest == c, starts[c], settings.propagation) if video is None \
+                else propagate_class_video(generalist, video, latest == c, starts[c], settings.propagation)
         else:
             p, r = np.zeros(volume.shape, np.float32), np.zeros(volume.shape[0], bool)
         probabilities.append(p)
