@@ -1,7 +1,6 @@
 """IFL (issue 16): key slices chosen from the history of predictions, slice-to-slice propagation with the real
 LiteMedSAM along a tube-like object, SAM2 video propagation (tiny model), one case's round pseudo-label, and the
-rounds end to end through
-``nnunet-foundation ifl`` and the real nnUNetv2_* commands (a tiny SAM keeps that fast)."""
+rounds end to end through ``nnunet-foundation ifl`` and the real nnUNetv2_* commands (a tiny SAM keeps that fast)."""
 from __future__ import annotations
 
 import json
