@@ -208,3 +208,53 @@ def test_self_training_learns_the_cached_labels_and_exports_an_ema(trained, monk
                             map_location="cpu", weights_only=False)
     assert all(v > 0 for v in checkpoint["logging"]["unsup_loss"])
     assert set(checkpoint["ssl_state"]) >= {"ema_weights"}
+
+
+def test_generalist_alone_predicts_through_nnunets_export(trained, tmp_path, monkeypatch):
+    """`predict-generalist` writes one segmentation per input case in the input's geometry; and a generalist that
+    answers with its prompter's own probabilities reproduces nnUNetv2_predict exactly (log-probabilities into
+    nnU-Net's export, same preprocessing and resampling: no convention lost on the way)."""
+    from types import SimpleNamespace
+
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_foundation.generalist_prediction import make_prompted_generalist_predictor
+
+    env, checkpoint = trained
+    images = Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"
+    out = tmp_path / "generalist"
+    proc = run_cli(["nnunet-foundation", "predict-generalist", "-d", SYNTHETIC_ID, "-c", "2d", "-tr",
+                    "nnUNetTrainer_smoke", "-f", "0", "-i", images, "-o", out, "--generalists",
+                    json.dumps({"backend": "sam", "model_type": "tiny", "checkpoint": str(checkpoint)})], env)
+    written = sorted(out.glob("*.nii.gz"))
+    assert "2 case(s) segmented by the generalist" in proc.stdout and len(written) == 2
+    io = SimpleITKIO()
+    for path in written:
+        seg, _ = io.read_seg(str(path))
+        image, _ = io.read_images([str(images / path.name.replace(".nii.gz", "_0000.nii.gz"))])
+        assert seg.shape[1:] == image.shape[1:] and set(np.unique(seg)) <= {0, 1, 2}
+
+    reference = tmp_path / "nnunet"
+    run_cli(["nnUNetv2_predict", "-i", images, "-o", reference, "-d", SYNTHETIC_ID, "-c", "2d", "-tr",
+             "nnUNetTrainer_smoke", "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1,
+             "--disable_progress_bar"], env)
+    for k, v in env.items():
+        if k.startswith("nnUNet_"):
+            monkeypatch.setenv(k, v)
+    class Echo:
+        device = torch.device("cpu")
+
+        def __call__(self, data, specialist):
+            return SimpleNamespace(probabilities=specialist)
+
+    predictor = make_prompted_generalist_predictor(Echo(), use_mirroring=False, perform_everything_on_device=False,
+                                                   device=torch.device("cpu"), verbose=False,
+                                                   verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(
+        str(Path(env["nnUNet_results"]) / "Dataset900_Synthetic" / "nnUNetTrainer_smoke__nnUNetPlans__2d"), (0,),
+        checkpoint_name="checkpoint_final.pth")
+    for path in sorted(reference.glob("*.nii.gz")):
+        image, properties = io.read_images([str(images / path.name.replace(".nii.gz", "_0000.nii.gz"))])
+        echoed = predictor.predict_single_npy_array(image, properties)
+        expected, _ = io.read_seg(str(path))
+        assert (echoed == expected[0]).all()

@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "nnunet_foundation.cli.predict_sam_student",
     "nnunet_foundation.cli.generalist_quality",
     "nnunet_foundation.cli.pseudo_label",
+    "nnunet_foundation.cli.predict_generalist",
     "nnunet_foundation.cli.weak_labels",
     "nnunet_foundation.cli.sfr",
     "nnunet_foundation.cli.ifl",
