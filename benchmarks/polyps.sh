@@ -30,8 +30,10 @@
 # LiteMedSAM once over the unlabeled pool (nnunet-foundation pseudo-label; about 0.9 s per image on two cores, so
 # roughly 15 minutes per fold for the ~930 unlabeled images, 4 folds), then SemiSAM trains with the cache as a
 # cross-entropy target of weight 1 for the whole run (nnUNet_ssl_sam_* below, unless set). With it the CPU study
-# exceeds 3 hours; CACHED_TRAINERS="" leaves it out. Not run by the benchmark command yet: the self-training row and
-# the generalist alone. Add trainers with TRAINERS="..."; the estimate says what each costs. The report's "Training
+# exceeds 3 hours; CACHED_TRAINERS="" leaves it out. The self-training row learns from the same cache. The generalist
+# alone (--generalist-row: the cache's generalist prompted by each fold's labeled-only model on the test images; no
+# training) is one more row; GENERALIST_ROW=0 leaves it out. Add trainers with TRAINERS="..."; the estimate says what
+# each costs. The report's "Training
 # time" table shows the real seconds per epoch after the first runs.
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
@@ -62,6 +64,9 @@ ARGS=(-d 150 -c 2d --labeled 2 4 8 --seeds 0 1 --other-seeds-at 4 --num-val 4
 if [ -n "$CACHED_TRAINERS" ]; then
     # shellcheck disable=SC2206
     ARGS+=(--cached-trainers $CACHED_TRAINERS)
+fi
+[ "${GENERALIST_ROW:-1}" != 0 ] && ARGS+=(--generalist-row)
+if [ -n "$CACHED_TRAINERS" ] || [ "${GENERALIST_ROW:-1}" != 0 ]; then
     [ -n "${PSEUDO_LABEL_GENERALIST:-}" ] && ARGS+=(--pseudo-label-generalist "$PSEUDO_LABEL_GENERALIST")
 fi
 
@@ -80,9 +85,10 @@ JOBFILE="${OUTPUT%/}.jobs.sh"  # beside OUTPUT: the benchmark only adopts an emp
 nnunet-foundation benchmark "${ARGS[@]}" --print-commands > "$JOBFILE"
 if [ "$JOBS" -gt 1 ]; then
     echo "== [$(elapsed)] $(grep -c -- ' --run ' "$JOBFILE" || true) runs, $JOBS at a time (logs in $OUTPUT/logs)"
-    # the cached rows wait for their fold's labeled-only model: the sequential call below runs them
-    CACHED_PATTERN="_($(echo "$CACHED_TRAINERS" | tr -s ' ' '|'))_"
-    grep -- ' --run ' "$JOBFILE" | { if [ -n "$CACHED_TRAINERS" ]; then grep -v -E -- "$CACHED_PATTERN"; else cat; fi; } |
+    # the cached and generalist rows wait for their fold's labeled-only model: the sequential call below runs them
+    CACHED_PATTERN='\+generalist$'
+    [ -n "$CACHED_TRAINERS" ] && CACHED_PATTERN="_($(echo $CACHED_TRAINERS | tr -s ' ' '|'))_|$CACHED_PATTERN"
+    grep -- ' --run ' "$JOBFILE" | grep -v -E -- "$CACHED_PATTERN" |
         xargs -P "$JOBS" -I{} bash -c '{} > /dev/null 2>&1 || echo "job failed: {}"'
 fi
 # Sequential runs (JOBS=1; each prints its epochs and test metrics), or what a failed parallel job left, then the report.

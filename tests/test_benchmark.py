@@ -117,6 +117,33 @@ def test_cached_trainers_learn_from_the_generalist_labels_their_folds_labeled_on
         make_benchmark(cached_trainers=("nnUNetTrainerSemiSAM",), pseudo_label_generalist='{"backend": "sam", "x": 1}')
 
 
+def test_a_generalist_row_follows_each_labeled_only_run_and_trains_nothing(make_benchmark):
+    from nnunet_foundation.benchmark.settings import GENERALIST
+
+    generalist = '{"backend": "sam", "model_type": "tiny", "allow_random_init": true}'
+    bench = make_benchmark(generalist_row=True, pseudo_label_generalist=generalist)
+    rows = [r for r in bench.runs if r.role == GENERALIST]
+    assert len(rows) == 4  # one per scarce fold, none for the fully supervised fold
+    for run in rows:
+        lower = bench.labeled_only_run(run)
+        assert bench.runs.index(lower) == bench.runs.index(run) - 1 and run.prompted_by == lower.trainer
+        assert bench.training_folder(run) == bench.training_folder(lower)  # its model is the labeled-only one
+        cmd = bench.predict_generalist_command(run)
+        assert cmd[:2] == ["nnunet-foundation", "predict-generalist"] and cmd[cmd.index("-tr") + 1] == BASELINE
+        assert cmd[cmd.index("-f") + 1] == str(run.fold) and cmd[cmd.index("--generalists") + 1] == generalist
+        assert cmd[cmd.index("-o") + 1] == str(bench.predictions_folder(run))
+    from nnunet_foundation.cli import build_parser
+
+    args = build_parser().parse_args(bench.settings.command_args("/somewhere"))
+    assert args.generalist_row and args.pseudo_label_generalist == generalist
+    bench.prepare()
+    script = bench.job_script()
+    assert script.count("predict-generalist") == 4 and script.count("#   after labeled-") == 4
+    with pytest.raises(BenchmarkError, match="train that run first"):  # a job started before its labeled-only run
+        bench.execute([rows[0]])
+    assert make_benchmark(trainers=(), generalist_row=True).runs  # the generalist row alone is a study
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(budget="fast"), "unknown budget"),
     (dict(trainers=("nnUNetTrainer",)), "always runs"),
@@ -357,12 +384,14 @@ def test_cluster_flow_refuses_unknown_trainings_then_adopts_runs_one_job_and_rep
 
 @e2e
 def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_labels(benchmark):
-    """Run last: it adds a run to the module's benchmark. The same command with --cached-trainers keeps the finished
-    runs, pseudo-labels fold 0's unlabeled cases with its labeled-only model, trains SemiSAM from them, reports it."""
+    """Run last: it adds runs to the module's benchmark. The same command with --cached-trainers keeps the finished
+    runs, pseudo-labels fold 0's unlabeled cases with its labeled-only model, trains SemiSAM from them, reports it;
+    --generalist-row adds the generalist alone, prompted by that model."""
     generalist = json.dumps({"backend": "sam", "model_type": "tiny", "allow_random_init": True})
     before = checkpoints(benchmark["results_dir"])
     proc = run_cli(BENCHMARK_ARGS + ["--cached-trainers", "nnUNetTrainerSemiSAM", "--pseudo-label-generalist",
-                                     generalist, "--output", benchmark["out"]], benchmark["env"], timeout=1200)
+                                     generalist, "--generalist-row", "--output", benchmark["out"]], benchmark["env"],
+                   timeout=1200)
     assert proc.stdout.count("finished earlier, skipped") == 3
     run_id = "labeled-2_seed-0_nnUNetTrainerSemiSAM_smoke"
     cache = benchmark["preprocessed"] / "nnUNetPlans_3d_fullres_pseudo_labels" / f"{BASELINE}__nnUNetPlans__fold0"
@@ -380,5 +409,11 @@ def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_label
     report = (benchmark["out"] / "report.md").read_text()
     assert "nnUNetTrainerSemiSAM_smoke (semi-supervised, generalist labels prompted by the labeled-only model)" in report
     assert "gap closed" in report.lower() and results["gap_closed"]["nnUNetTrainerSemiSAM_smoke"]["2"]
+    # the generalist alone, prompted by fold 0's labeled-only model: scored on the test set, nothing trained for it
+    alone = next(r for r in results["runs"] if r["run"]["run_id"] == f"labeled-2_seed-0_{BASELINE}+generalist")
+    assert alone["run"]["role"] == "generalist alone" and alone["timings"]["generalist_wall_s"] > 0
+    assert alone["training"] == {} and len(alone["evaluation"]["per_case"]) == len(results["test_cases"])
+    assert "the generalist alone, prompted by the labeled-only model" in report
+    assert f"{BASELINE}+generalist" in results["gap_closed"]
     new = checkpoints(benchmark["results_dir"])
-    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 1
+    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 1  # SemiSAM's

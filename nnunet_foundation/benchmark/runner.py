@@ -39,7 +39,8 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER, BenchmarkError, BenchmarkSettings, Run
+from nnunet_foundation.benchmark.settings import (GENERALIST, LOWER, SSL, UPPER, BenchmarkError, BenchmarkSettings,
+                                                 Run)
 
 MARKER = ".nnunet_foundation_benchmark"
 # lines of nnU-Net's training output shown live (everything goes to the log file)
@@ -147,7 +148,7 @@ class Benchmark:
         previous = os.environ.get("nnUNet_extTrainer")
         os.environ["nnUNet_extTrainer"] = self.env["nnUNet_extTrainer"]
         try:
-            for name in sorted({r.trainer for r in self.runs}):
+            for name in sorted({r.trainer for r in self.runs if r.role != GENERALIST}):
                 try:
                     # nnU-Net narrates its search, and importing its trainers warns about torch.jit
                     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -206,6 +207,9 @@ class Benchmark:
                 runs.append(Run(UPPER, s.trainer_class(baseline), baseline, info.fold, info.seed, None, fold))
                 continue
             runs.append(Run(LOWER, s.trainer_class(baseline), baseline, info.fold, info.seed, info.num_labeled, fold))
+            if s.generalist_row:  # after the labeled-only run, whose model prompts the generalist
+                runs.append(Run(GENERALIST, f"{s.trainer_class(baseline)}+generalist", "generalist", info.fold,
+                                info.seed, info.num_labeled, fold, prompted_by=s.trainer_class(baseline)))
             for method in s.trainers:
                 runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold))
             # after the labeled-only run of the fold, whose model prompts the generalist for their cache
@@ -221,7 +225,9 @@ class Benchmark:
 
     # ------------------------------------------------------------------------------------------ paths
     def training_folder(self, run: Run) -> Path:
-        return (self.results_root / f"{run.trainer}__{self.settings.plans}__{self.settings.configuration}" /
+        """nnU-Net's training folder of the run; a generalist row's is its prompting labeled-only model's."""
+        trainer = run.prompted_by or run.trainer
+        return (self.results_root / f"{trainer}__{self.settings.plans}__{self.settings.configuration}" /
                 f"fold_{run.fold}")
 
     def run_folder(self, run: Run) -> Path:
@@ -335,7 +341,7 @@ class Benchmark:
     def conflict(self, run: Run) -> Optional[str]:
         """Why the run's nnU-Net training folder cannot be used (or None): it holds a checkpoint that this benchmark
         did not record for the run's current fold."""
-        if self.is_claimed(run):
+        if self.is_claimed(run) or run.role == GENERALIST:  # a generalist row's model is its labeled-only run's
             return None
         if not any((self.training_folder(run) / c).is_file()
                    for c in ("checkpoint_final.pth", "checkpoint_latest.pth")):
@@ -412,6 +418,15 @@ class Benchmark:
                 "-tr", run.trainer, "-f", str(run.fold), "-chk", "checkpoint_final.pth",
                 "-device", self.settings.device, "-npp", n, "-nps", n, "--disable_progress_bar"]
 
+    def predict_generalist_command(self, run: Run) -> List[str]:
+        """nnunet-foundation predict-generalist of the test images, prompted by the fold's labeled-only model."""
+        s = self.settings
+        n = str(s.num_processes)
+        return ["nnunet-foundation", "predict-generalist", "-d", str(self.dataset_id), "-c", s.configuration, "-p",
+                s.plans, "-tr", run.prompted_by, "-f", str(run.fold), "-i", str(self.test_images), "-o",
+                str(self.predictions_folder(run)), "-device", "cuda" if s.device == "cuda" else "cpu", "-np", n] + \
+            (["--generalists", s.pseudo_label_generalist] if s.pseudo_label_generalist is not None else [])
+
     def pseudo_label_command(self, run: Run) -> List[str]:
         """nnunet-foundation pseudo-label of the fold's unlabeled cases, prompted by its labeled-only model."""
         s = self.settings
@@ -473,7 +488,16 @@ class Benchmark:
             t_run = time.time()
             timings = {}
             logs = self.output / "logs"
-            if status in (TRAIN, RESUME):
+            if run.role == GENERALIST:
+                if status in (TRAIN, RESUME):
+                    raise BenchmarkError(f"{run.run_id} is the generalist prompted by the model of run "
+                                         f"{self.labeled_only_run(run).run_id}: train that run first (it is the job "
+                                         f"line before this one; --run {self.labeled_only_run(run).run_id}).")
+                print(f"{head}: the generalist alone, prompted by {self.training_folder(run)}", flush=True)
+                shutil.rmtree(self.predictions_folder(run), ignore_errors=True)
+                timings["generalist_wall_s"] = self._run_command(self.predict_generalist_command(run),
+                                                                 logs / f"{run.run_id}.predict.log")
+            elif status in (TRAIN, RESUME):
                 verb = "resuming training (--c)" if status == RESUME else "training"
                 print(f"{head}: {verb}: fold {run.fold}, {run.trainer}, {len(run.split['train'])} labeled"
                       + (f" + {len(run.split['unlabeled'])} unlabeled" if run.role == SSL else "")
@@ -488,9 +512,10 @@ class Benchmark:
                                          f"checkpoint_final.pth; see {logs / (run.run_id + '.train.log')}")
             else:
                 print(f"{head}: trained earlier ({self.training_folder(run)}), predicting", flush=True)
-            shutil.rmtree(self.predictions_folder(run), ignore_errors=True)  # ours; a partial one is useless
-            timings["predict_wall_s"] = self._run_command(self.predict_command(run),
-                                                          logs / f"{run.run_id}.predict.log")
+            if run.role != GENERALIST:
+                shutil.rmtree(self.predictions_folder(run), ignore_errors=True)  # ours; a partial one is useless
+                timings["predict_wall_s"] = self._run_command(self.predict_command(run),
+                                                              logs / f"{run.run_id}.predict.log")
             result = self._evaluate(run, timings, machine)
             fg = result["evaluation"]["foreground_mean"]
             print(f"{head}: Dice {fg['Dice']['mean']:.3f}, HD95 {fg['HD95']['mean']:.2f} mm, NSD "
@@ -513,7 +538,8 @@ class Benchmark:
                   "training_folder": str(self.training_folder(run)),
                   "checkpoint": self._checkpoint_signature(final),
                   "num_unlabeled_extra": self.extra_unlabeled_cases() if run.role == SSL else 0,
-                  "training": training_log(final), "timings": timings, "machine": machine,
+                  "training": {} if run.role == GENERALIST else training_log(final), "timings": timings,
+                  "machine": machine,
                   "evaluation": evaluation}
         _write_json(result, self.run_folder(run) / "result.json")
         return result
@@ -561,8 +587,13 @@ class Benchmark:
             if status == FINISHED:
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: finished")
                 continue
-            lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.train_command(run))}, then "
-                         f"nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
+            if run.role == GENERALIST:
+                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.predict_generalist_command(run))}"
+                             f" and evaluation")
+                lines.append(f"#   after {self.labeled_only_run(run).run_id}: its model prompts the generalist")
+            else:
+                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.train_command(run))}, then "
+                             f"nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
             if run.pseudo_labels:
                 lines.append(f"#   after {self.labeled_only_run(run).run_id}: first the generalist's labels of the "
                              f"fold's unlabeled cases, prompted by that run's model ({run.pseudo_labels})")

@@ -7,6 +7,8 @@ from typing import List, Optional, Tuple
 
 #: roles of a run; each fold of labeled count n gets LOWER and every SSL trainer, each seed one UPPER run
 LOWER, SSL, UPPER = "labeled-only", "semi-supervised", "fully supervised"
+#: role of the --generalist-row runs: no training; the generalist prompted by the fold's labeled-only model predicts
+GENERALIST = "generalist alone"
 #: the stock trainer that gives both bounds (with the budget suffix) with --no-ema-baselines
 STOCK_TRAINER = "nnUNetTrainer"
 #: the default trainer of both bounds: the stock training exporting an EMA of its weights, as the teacher-based
@@ -55,6 +57,9 @@ class BenchmarkSettings:
     # fold's labeled-only model prompts the generalist (nnunet-foundation pseudo-label) once, then they train
     cached_trainers: Tuple[str, ...] = ()
     pseudo_label_generalist: Optional[str] = None  # JSON configuration for pseudo-label; None = its default
+    # per scarce fold, a row of the generalist alone prompted by the labeled-only model (predict-generalist), with
+    # the configuration of --pseudo-label-generalist
+    generalist_row: bool = False
 
     @property
     def baseline_trainer(self) -> str:
@@ -69,7 +74,7 @@ class BenchmarkSettings:
             raise BenchmarkError(f"unknown budget '{self.budget}'; choose one of: {', '.join(BUDGETS)} "
                                  f"(see nnunet_foundation/training/budgets.py)")
         trainers, cached = self._base_names(self.trainers), self._base_names(self.cached_trainers)
-        if not trainers and not cached:
+        if not trainers and not cached and not self.generalist_row:
             raise BenchmarkError("give at least one semi-supervised trainer (--trainers nnUNetTrainerMeanTeacher)")
         both = sorted(set(trainers) & set(cached))
         if both:
@@ -77,9 +82,9 @@ class BenchmarkSettings:
                                  f"per trainer class and fold, so a trainer runs either with its online settings or "
                                  f"from the generalist cache in one benchmark.")
         if self.pseudo_label_generalist is not None:
-            if not cached:
-                raise BenchmarkError("--pseudo-label-generalist configures the cache of --cached-trainers; give "
-                                     "those too")
+            if not cached and not self.generalist_row:
+                raise BenchmarkError("--pseudo-label-generalist configures the cache of --cached-trainers and the "
+                                     "--generalist-row; give one of those too")
             from nnunet_foundation.foundation.config import GeneralistConfigError, parse_generalist_setting
 
             try:  # a typo fails now, not after the first labeled-only training
@@ -138,6 +143,7 @@ class BenchmarkSettings:
                 *(["--cached-trainers", *self.cached_trainers] if self.cached_trainers else []),
                 *(["--pseudo-label-generalist", self.pseudo_label_generalist]
                   if self.pseudo_label_generalist is not None else []),
+                *(["--generalist-row"] if self.generalist_row else []),
                 "--budget", self.budget, "--num-val", str(self.num_val)]
         if self.test_list:
             args += ["--test-list", self.test_list]
@@ -171,6 +177,8 @@ class Run:
     # cache name in the preprocessed folder: trained from the generalist's labels made with the fold's labeled-only
     # model (--cached-trainers); None for every other run
     pseudo_labels: Optional[str] = None
+    # GENERALIST runs: the labeled-only trainer class whose model prompts the generalist (its training folder)
+    prompted_by: Optional[str] = None
 
     @property
     def run_id(self) -> str:
@@ -187,4 +195,5 @@ class Run:
                 "fold": self.fold, "seed": self.seed, "num_labeled": self.num_labeled,
                 "num_train": len(self.split["train"]), "num_val": len(self.split["val"]),
                 "num_unlabeled_from_split": len(self.split.get("unlabeled", [])),
-                **({"pseudo_labels": self.pseudo_labels} if self.pseudo_labels else {})}
+                **({"pseudo_labels": self.pseudo_labels} if self.pseudo_labels else {}),
+                **({"prompted_by": self.prompted_by} if self.prompted_by else {})}

@@ -14,7 +14,7 @@ def run(args) -> int:
         dataset=args.d, configuration=args.c, plans=args.p, labeled=tuple(args.labeled), seeds=tuple(args.seeds),
         other_seeds_at=tuple(args.other_seeds_at or ()),
         trainers=tuple(args.trainers), cached_trainers=tuple(args.cached_trainers or ()),
-        pseudo_label_generalist=args.pseudo_label_generalist, budget=args.budget, num_val=args.num_val,
+        pseudo_label_generalist=args.pseudo_label_generalist, generalist_row=args.generalist_row, budget=args.budget, num_val=args.num_val,
         test_cases=20 if args.test_cases is None else args.test_cases, test_list=args.test_list,
         test_seed=args.test_seed, test_fraction=tuple(args.test_fraction or ()),
         labeled_domains=tuple(args.labeled_domain or ()), tolerance=tuple(args.tolerance or ()),
@@ -123,8 +123,12 @@ def register(subparsers) -> None:
                         "they train; the generalist's time is reported apart. A trainer is either here or in "
                         "--trainers")
     p.add_argument("--pseudo-label-generalist", metavar="JSON",
-                   help="generalist configuration of that cache (JSON object or file; default: pseudo-label's, "
-                        "LiteMedSAM)")
+                   help="generalist configuration of that cache and of --generalist-row (JSON object or file; "
+                        "default: pseudo-label's, LiteMedSAM)")
+    p.add_argument("--generalist-row", action="store_true",
+                   help="per scarce fold, also score the generalist alone on the test set, prompted by the fold's "
+                        "labeled-only model (nnunet-foundation predict-generalist after that run; no training): "
+                        "what the foundation model brings, and what it inherits from its prompter")
     p.add_argument("--budget", default="cpu500",
                    help=f"training budget suffix, the same for every run (default: cpu500; one of {', '.join(BUDGETS)})")
     p.add_argument("--num-val", type=int, default=2, help="validation cases per seed (default: 2)")
