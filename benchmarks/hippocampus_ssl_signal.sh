@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 13's Hippocampus re-run (docs/benchmarks/hippocampus_cpu2d_ssl/) in one command:
+#
+#   bash benchmarks/hippocampus_ssl_signal.sh OUTPUT
+#
+# 1. the benchmark of docs/benchmarks/hippocampus_cpu2d/ (same splits: 2 and 4 labeled cases, seed 0, 4 validation
+#    cases, the same 40 held-out test cases; 2d, budget cpu2d) with EMA bounds (nnUNetTrainerEMA, the default) and
+#    UniMatch (TRAINERS overrides: e.g. TRAINERS="nnUNetTrainerUniMatch nnUNetTrainerMeanTeacher");
+# 2. the Mean Teacher weight sweep on fold 0 (2 labeled cases), scored on the fold's 4 VALIDATION cases only (never
+#    the test set): unsup_weight in $MT_WEIGHTS (default "5 1") with the ramp-up ending at 30% of training, each a
+#    separate nnU-Net results folder under OUTPUT/sweep (the benchmark's labeled-only run of that fold gives the
+#    validation Dice to beat).
+#
+# Needs nnUNet_raw / nnUNet_preprocessed / nnUNet_results exported and Dataset004_Hippocampus converted and planned
+# for 2d (benchmarks/hippocampus.sh does both). Finished runs are skipped, so the same command continues.
+set -euo pipefail
+OUTPUT=${1:?usage: hippocampus_ssl_signal.sh OUTPUT}
+TRAINERS=${TRAINERS:-nnUNetTrainerUniMatch}
+MT_WEIGHTS=${MT_WEIGHTS:-5 1}
+NP=${NNUNET_NP:-2}
+: "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
+export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
+
+# shellcheck disable=SC2206
+ARGS=(-d 4 -c 2d --labeled 2 4 --seeds 0 --num-val 4 --test-cases 40 --test-seed 0 --trainers $TRAINERS
+      --budget cpu2d --device cpu -np "$NP" --output "$OUTPUT/bench")
+echo "== benchmark (report: $OUTPUT/bench/report.md)"
+nnunet-foundation benchmark "${ARGS[@]}"
+
+for weight in $MT_WEIGHTS; do
+    folder="$OUTPUT/sweep/mt_w${weight}_r0.3"
+    summary="$folder/Dataset004_Hippocampus/nnUNetTrainerMeanTeacher_cpu2d__nnUNetPlans__2d/fold_0/validation/summary.json"
+    if [ ! -f "$summary" ]; then
+        echo "== Mean Teacher, unsup_weight $weight, ramp-up 0.3, fold 0 (log: $folder.log)"
+        mkdir -p "$folder"
+        nnUNet_results="$folder" nnUNet_ssl_unsup_weight="$weight" nnUNet_ssl_rampup_length=0.3 \
+            nnUNetv2_train 4 2d 0 -tr nnUNetTrainerMeanTeacher_cpu2d -device cpu > "$folder.log" 2>&1
+    fi
+    python -c "import json,sys; print('validation Dice (fold 0, 4 cases), Mean Teacher weight $weight:',
+round(json.load(open(sys.argv[1]))['foreground_mean']['Dice'], 4))" "$summary"
+done
