@@ -16,7 +16,7 @@
 set -euo pipefail
 OUTPUT=${1:?usage: hippocampus_ssl_signal.sh OUTPUT}
 TRAINERS=${TRAINERS:-nnUNetTrainerUniMatch}
-MT_WEIGHTS=${MT_WEIGHTS:-5 1}
+MT_WEIGHTS=${MT_WEIGHTS-5 1}
 NP=${NNUNET_NP:-2}
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
