@@ -39,17 +39,10 @@ def predict_with_generalist(dataset: str, trainer: str, plans: str, configuratio
                             device: torch.device, num_processes: int = 1) -> int:
     """Segment every case of ``input_folder`` (nnU-Net raw naming) with the generalist prompted by the trained model;
     returns the number of cases written."""
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
     from nnunet_foundation.foundation.config import build_generalist
+    from nnunet_foundation.specialist import trained_model_folder
 
-    model_folder = get_output_folder(dataset, trainer, plans, configuration)
-    fold_ids = [f if f == "all" else int(f) for f in folds]
-    for fold in fold_ids:
-        path = os.path.join(model_folder, f"fold_{fold}", checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no trained model at {path}: train it first (nnUNetv2_train {dataset} "
-                                    f"{configuration} {fold} -tr {trainer} -p {plans}) or fix -tr/-p/-f/-chk")
+    model_folder, fold_ids = trained_model_folder(dataset, trainer, plans, configuration, folds, checkpoint)
     if not os.path.isdir(input_folder):
         raise FileNotFoundError(f"input folder {input_folder} does not exist")
     generalist = build_generalist(generalist_config).to(device).eval()

@@ -11,14 +11,13 @@ import numpy as np
 import torch
 
 
-def load_specialist(dataset: str, trainer: str, plans: str, configuration: str, folds: Sequence[str],
-                    checkpoint: str, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
-    """``data (C, D, H, W) float32 -> softmax (K, D, H, W)`` on the CPU, of the trained model's folds (ensembled).
+def trained_model_folder(dataset: str, trainer: str, plans: str, configuration: str, folds: Sequence[str],
+                         checkpoint: str):
+    """``(training output folder, fold ids)`` of a trained model whose folds all have ``checkpoint``.
 
     Raises:
-        FileNotFoundError: no trained model folder or checkpoint, with the command that makes it.
+        FileNotFoundError: a fold's checkpoint is missing, with the command that makes it.
     """
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     folder = get_output_folder(dataset, trainer, plans, configuration)
@@ -28,6 +27,19 @@ def load_specialist(dataset: str, trainer: str, plans: str, configuration: str, 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no trained model at {path}: train it first (nnUNetv2_train {dataset} "
                                     f"{configuration} {fold} -tr {trainer} -p {plans}) or fix -tr/-p/-f/-chk")
+    return folder, fold_ids
+
+
+def load_specialist(dataset: str, trainer: str, plans: str, configuration: str, folds: Sequence[str],
+                    checkpoint: str, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
+    """``data (C, D, H, W) float32 -> softmax (K, D, H, W)`` on the CPU, of the trained model's folds (ensembled).
+
+    Raises:
+        FileNotFoundError: no trained model folder or checkpoint, with the command that makes it.
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    folder, fold_ids = trained_model_folder(dataset, trainer, plans, configuration, folds, checkpoint)
     predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=device.type == "cuda",
                                 device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, fold_ids, checkpoint_name=checkpoint)
