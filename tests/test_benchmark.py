@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SYNTHETIC_ID, SYNTHETIC_NAME, copy_nnunet_tree, run_cli, tree_digest
 from nnunet_foundation.benchmark import Benchmark, BenchmarkError, BenchmarkSettings
-from nnunet_foundation.benchmark.runner import FINISHED, PREDICT, RESUME, TRAIN
+from nnunet_foundation.benchmark.runner import FINISHED, PREDICT, RESUME, TRAIN, WAITING
 from nnunet_foundation.benchmark.settings import LOWER, SSL, UPPER
 from nnunet_foundation.evaluation import gap_closed
 
@@ -132,6 +132,9 @@ def test_a_generalist_row_follows_each_labeled_only_run_and_trains_nothing(make_
         assert cmd[:2] == ["nnunet-foundation", "predict-generalist"] and cmd[cmd.index("-tr") + 1] == BASELINE
         assert cmd[cmd.index("-f") + 1] == str(run.fold) and cmd[cmd.index("--generalists") + 1] == generalist
         assert cmd[cmd.index("-o") + 1] == str(bench.predictions_folder(run))
+        # shown as what it does (--dry-run): a prediction that waits for its model, never a training
+        assert bench.main_command(run) == cmd and bench.status(run) == WAITING
+        assert bench.main_command(lower) == bench.train_command(lower) and bench.status(lower) == TRAIN
     from nnunet_foundation.cli import build_parser
 
     args = build_parser().parse_args(bench.settings.command_args("/somewhere"))

@@ -47,6 +47,7 @@ MARKER = ".nnunet_foundation_benchmark"
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "semi-supervised:")
 
 TRAIN, RESUME, PREDICT, FINISHED = "train", "resume", "predict+evaluate", "finished"
+WAITING = "waits for its labeled-only run"  # a generalist row before the model that prompts it is trained
 
 
 def _digest(data) -> str:
@@ -397,6 +398,8 @@ class Benchmark:
                         result.get("split_digest") == _digest(run.split)):
                     return FINISHED
             return PREDICT
+        if run.role == GENERALIST:  # it trains nothing: the training folder is its prompter's
+            return WAITING
         if (self.training_folder(run) / "checkpoint_latest.pth").is_file():
             return RESUME
         return TRAIN
@@ -410,6 +413,10 @@ class Benchmark:
     def train_command(self, run: Run, resume: bool = False) -> List[str]:
         return ["nnUNetv2_train", str(self.dataset_id), self.settings.configuration, str(run.fold), "-tr",
                 run.trainer, "-p", self.settings.plans, "-device", self.settings.device] + (["--c"] if resume else [])
+
+    def main_command(self, run: Run) -> List[str]:
+        """What the run executes first: a training, or for a generalist row its prediction (it trains nothing)."""
+        return self.predict_generalist_command(run) if run.role == GENERALIST else self.train_command(run)
 
     def predict_command(self, run: Run) -> List[str]:
         n = str(self.settings.num_processes)
@@ -489,7 +496,7 @@ class Benchmark:
             timings = {}
             logs = self.output / "logs"
             if run.role == GENERALIST:
-                if status in (TRAIN, RESUME):
+                if status == WAITING:
                     raise BenchmarkError(f"{run.run_id} is the generalist prompted by the model of run "
                                          f"{self.labeled_only_run(run).run_id}: train that run first (it is the job "
                                          f"line before this one; --run {self.labeled_only_run(run).run_id}).")

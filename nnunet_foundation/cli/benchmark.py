@@ -40,7 +40,7 @@ def run(args) -> int:
                   f"({'would be written' if bench.splits_status() == 'missing' else 'kept' if bench.splits_status() == 'same' else 'differs: needs --force'})")
             print(bench.plan_table())
             for run in bench.runs:
-                print("  " + " ".join(bench.train_command(run)))
+                print("  " + " ".join(bench.main_command(run)))
             return 0
 
         if args.run:
