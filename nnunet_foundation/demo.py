@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,25 +121,14 @@ def demo_environment(workdir: Path, device: str) -> Dict[str, str]:
     return env
 
 
-def _command_path(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def _run(cmd: List[str], env: Dict[str, str], log_file: Path, show=lambda line: False) -> None:
+    from nnunet_foundation.subprocesses import CommandFailed, run_logged
+
     print("$ " + " ".join(cmd), flush=True)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a") as log:
-        proc = subprocess.Popen([_command_path(cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            log.write(line)
-            if show(line):
-                print("    " + line.rstrip(), flush=True)
-        rc = proc.wait()
-    if rc != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-25:])
-        raise DemoError(f"'{' '.join(cmd)}' failed (exit code {rc}); full output in {log_file}. Last lines:\n{tail}")
+    try:
+        run_logged(cmd, env, log_file, show=show)
+    except CommandFailed as e:
+        raise DemoError(f"{e}. Last lines:\n{e.tail}") from None
 
 
 def _write_split(env: Dict[str, str], settings: DemoSettings) -> List[str]:

@@ -32,8 +32,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 from nnunet_foundation.benchmark.settings import (GENERALIST, LOWER, SSL, UPPER, BenchmarkError, BenchmarkSettings,
                                                  Run)
+from nnunet_foundation.subprocesses import CommandFailed, nnunet_environment, run_logged
 
 MARKER = ".nnunet_foundation_benchmark"
 # lines of nnU-Net's training output shown live (everything goes to the log file)
@@ -64,12 +63,6 @@ def _write_json(data, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(data, str(path))
-
-
-def _command_path(name: str) -> str:
-    """The console script next to this Python (the venv's), or the bare name for PATH lookup."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def _minutes(seconds: float) -> str:
@@ -102,7 +95,7 @@ class Benchmark:
         self.results_root = Path(nnUNet_results.require()) / self.dataset_name
         self.output = Path(self.settings.output).resolve()
         self._check_dataset()
-        self.env = self._environment()
+        self.env = nnunet_environment()  # the nnUNetv2_* subprocesses' one
         self.runs, self.folds, self.fold_infos, self.test_cases = self._plan()
 
     # ------------------------------------------------------------------------------------------ checks, plan
@@ -127,19 +120,6 @@ class Benchmark:
             raise BenchmarkError(f"{self.raw / 'dataset.json'} not found: the held-out test cases are copied from the "
                                  f"raw dataset, so nnUNet_raw must hold it")
         self.dataset_json = _load_json(self.raw / "dataset.json")
-
-    def _environment(self) -> Dict[str, str]:
-        """The environment of the nnUNetv2_* subprocesses: the caller's, plus this package's trainer folder."""
-        from nnunet_foundation.paths import trainer_path
-
-        env = dict(os.environ)
-        ours = str(trainer_path())
-        paths = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-        if ours not in paths:
-            paths.append(ours)
-        env["nnUNet_extTrainer"] = os.pathsep.join(paths)
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
 
     def check_trainers(self) -> None:
         """Every trainer class must be findable by nnU-Net before hours of training start."""
@@ -458,23 +438,11 @@ class Benchmark:
 
     def _run_command(self, cmd: List[str], log_file: Path, show_progress: bool = False,
                      env: Optional[Dict[str, str]] = None) -> float:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(log_file, "a") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen([_command_path(cmd[0]), *cmd[1:]], env=env or self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                log.write(line)
-                if show_progress and any(m in line for m in PROGRESS_MARKERS):
-                    print("      " + line.strip(), flush=True)
-            rc = proc.wait()
-        if rc != 0:
-            tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-            raise BenchmarkError(f"'{' '.join(cmd)}' failed (exit code {rc}); full output in {log_file}. Rerun the "
-                                 f"benchmark to resume. Last lines:\n{tail}")
-        return time.time() - t0
+        show = (lambda line: any(m in line for m in PROGRESS_MARKERS)) if show_progress else None
+        try:
+            return run_logged(cmd, env or self.env, log_file, show=show, indent="      ", tail_lines=30)
+        except CommandFailed as e:
+            raise BenchmarkError(f"{e}. Rerun the benchmark to resume. Last lines:\n{e.tail}") from None
 
     # ------------------------------------------------------------------------------------------ execution
     def execute(self, runs: Optional[List[Run]] = None) -> List[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -61,28 +60,15 @@ def _trainer(round_index: int, budget) -> str:
     return f"{base}_{budget}" if budget else base
 
 
-def _command_path(name: str) -> str:
-    candidate = os.path.join(os.path.dirname(sys.executable), name)
-    return candidate if os.path.exists(candidate) else name
-
-
 def _train(cmd, log_file: str, env: dict) -> None:
     """nnUNetv2_train as a subprocess, its output in ``log_file``, epochs shown as progress."""
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    from nnunet_foundation.subprocesses import CommandFailed, run_logged
+
     print(f"  $ {' '.join(cmd)}   (log: {log_file})", flush=True)
-    with open(log_file, "a") as log:
-        proc = subprocess.Popen([_command_path(cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            log.write(line)
-            if "Epoch " in line or "Mean Validation Dice" in line:
-                print("    " + line.strip(), flush=True)
-        rc = proc.wait()
-    if rc != 0:
-        with open(log_file) as f:
-            tail = "".join(f.readlines()[-25:])
-        raise IFLCommandError(f"'{' '.join(cmd)}' failed (exit code {rc}); full output in {log_file}. Run the same "
-                              f"ifl command again to resume. Last lines:\n{tail}")
+    try:
+        run_logged(cmd, env, log_file, show=lambda line: "Epoch " in line or "Mean Validation Dice" in line)
+    except CommandFailed as e:
+        raise IFLCommandError(f"{e}. Run the same ifl command again to resume. Last lines:\n{e.tail}") from None
 
 
 def run(args) -> int:
@@ -107,7 +93,7 @@ def _run(args) -> int:
     from nnunet_foundation.methods.ifl.keyframes import KeySliceSettings
     from nnunet_foundation.methods.ifl.propagation import PropagationSettings
     from nnunet_foundation.methods.ifl.trainer import MAX_ROUNDS, ifl_cache_name
-    from nnunet_foundation.paths import trainer_path
+    from nnunet_foundation.subprocesses import nnunet_environment
     from nnunet_foundation.specialist import checkpoint_digest, load_specialist
     from nnunet_foundation.training.budgets import BUDGETS
     from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, plans_fingerprint
@@ -157,11 +143,7 @@ def _run(args) -> int:
                                   f"differ): continuing would mix them. Use the recorded options, or delete {work} "
                                   f"and the IFL__{args.p}__fold{args.f}__round* caches to start over.")
     log = ifl.read_log(work)
-    env = dict(os.environ)
-    paths = [q for q in env.get("nnUNet_extTrainer", "").split(os.pathsep) if q]
-    env["nnUNet_extTrainer"] = os.pathsep.join(paths + ([str(trainer_path())] if str(trainer_path()) not in paths
-                                                        else []))
-    env["PYTHONUNBUFFERED"] = "1"
+    env = nnunet_environment()
     env.pop("nnUNet_ssl_pseudo_labels", None)  # each round trainer names its own round's cache
 
     def fold_folder(r: int) -> str:
