@@ -117,6 +117,40 @@ def test_cached_trainers_learn_from_the_generalist_labels_their_folds_labeled_on
         make_benchmark(cached_trainers=("nnUNetTrainerSemiSAM",), pseudo_label_generalist='{"backend": "sam", "x": 1}')
 
 
+def test_sfr_runs_its_fine_tuning_per_fold_before_training_and_reads_its_own_cache(make_benchmark):
+    generalist = '{"backend": "sam", "model_type": "tiny", "allow_random_init": true}'
+    bench = make_benchmark(trainers=("nnUNetTrainerMeanTeacher",), cached_trainers=("nnUNetTrainerSFR",),
+                           pseudo_label_generalist=generalist,
+                           prestage_options=("nnUNetTrainerSFR_smoke=--iterations 3 --save-every 2",))
+    sfr = [r for r in bench.runs if r.method == "nnUNetTrainerSFR"]
+    assert len(sfr) == 4 and all(r.prestage for r in sfr)
+    assert not any(r.prestage for r in bench.runs if r.method != "nnUNetTrainerSFR")
+    for run in sfr:
+        # the fine-tuning on the fold's labeled cases, then its pseudo-labels: the cache the training reads
+        cmd = bench.prestage_command(run)
+        assert cmd[:2] == ["nnunet-foundation", "sfr"] and cmd[cmd.index("-f") + 1] == str(run.fold)
+        assert cmd[cmd.index("--generalists") + 1] == generalist and "--pseudo-labels" in cmd
+        assert cmd[cmd.index("--iterations") + 1] == "3" and cmd[cmd.index("--save-every") + 1] == "2"
+        assert run.pseudo_labels == f"SFR__nnUNetPlans__fold{run.fold}"
+        assert bench.training_environment(run)["nnUNet_ssl_pseudo_labels"] == run.pseudo_labels
+    # the reproducing command keeps the options; the job script shows the pre-stage before the training
+    from nnunet_foundation.cli import build_parser
+
+    args = build_parser().parse_args(bench.settings.command_args("/somewhere"))
+    assert args.prestage_options == ["nnUNetTrainerSFR=--iterations 3 --save-every 2"]
+    bench.prepare()
+    assert bench.job_script().count("#   first, per fold: nnunet-foundation sfr") == 4
+    # online SFR: the same fine-tuning, no cache (the trainer segments unlabeled patches itself)
+    online = make_benchmark(trainers=("nnUNetTrainerSFR",))
+    run = next(r for r in online.runs if r.method == "nnUNetTrainerSFR")
+    assert run.prestage and not run.pseudo_labels and "--pseudo-labels" not in online.prestage_command(run)
+    # options for a trainer without a pre-stage, or one not in the benchmark, are refused before anything runs
+    with pytest.raises(BenchmarkError, match="has no pre-stage"):
+        make_benchmark(prestage_options=("nnUNetTrainerMeanTeacher=--iterations 3",))
+    with pytest.raises(BenchmarkError, match="TRAINER=OPTIONS"):
+        make_benchmark(prestage_options=("nnUNetTrainerSFR=--iterations 3",))
+
+
 def test_a_generalist_row_follows_each_labeled_only_run_and_trains_nothing(make_benchmark):
     from nnunet_foundation.benchmark.settings import GENERALIST
 
@@ -392,9 +426,10 @@ def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_label
     --generalist-row adds the generalist alone, prompted by that model."""
     generalist = json.dumps({"backend": "sam", "model_type": "tiny", "allow_random_init": True})
     before = checkpoints(benchmark["results_dir"])
-    proc = run_cli(BENCHMARK_ARGS + ["--cached-trainers", "nnUNetTrainerSemiSAM", "--pseudo-label-generalist",
-                                     generalist, "--generalist-row", "--output", benchmark["out"]], benchmark["env"],
-                   timeout=1200)
+    proc = run_cli(BENCHMARK_ARGS + ["--cached-trainers", "nnUNetTrainerSemiSAM", "nnUNetTrainerSFR",
+                                     "--pseudo-label-generalist", generalist, "--generalist-row",
+                                     "--prestage-options", "nnUNetTrainerSFR=--iterations 2 --save-every 1",
+                                     "--output", benchmark["out"]], benchmark["env"], timeout=1200)
     assert proc.stdout.count("finished earlier, skipped") == 3
     run_id = "labeled-2_seed-0_nnUNetTrainerSemiSAM_smoke"
     cache = benchmark["preprocessed"] / "nnUNetPlans_3d_fullres_pseudo_labels" / f"{BASELINE}__nnUNetPlans__fold0"
@@ -418,5 +453,17 @@ def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_label
     assert alone["training"] == {} and len(alone["evaluation"]["per_case"]) == len(results["test_cases"])
     assert "the generalist alone, prompted by the labeled-only model" in report
     assert f"{BASELINE}+generalist" in results["gap_closed"]
+    # SFR: its pre-stage fine-tuned the generalist on fold 0's labeled cases and wrote its own cache, which the
+    # training read (no labeled-only model prompted it)
+    sfr_id = "labeled-2_seed-0_nnUNetTrainerSFR_smoke"
+    sfr_cache = benchmark["preprocessed"] / "nnUNetPlans_3d_fullres_pseudo_labels" / "SFR__nnUNetPlans__fold0"
+    assert {p.stem for p in sfr_cache.glob("*.npz")} >= set(fold["unlabeled"])
+    assert "nnunet-foundation sfr" in (benchmark["out"] / "logs" / f"{sfr_id}.prestage.log").read_text()
+    assert sfr_cache.name in (benchmark["out"] / "logs" / f"{sfr_id}.train.log").read_text()
+    sfr = next(r for r in results["runs"] if r["run"]["run_id"] == sfr_id)
+    assert sfr["run"]["prestage"] and sfr["run"]["pseudo_labels"] == sfr_cache.name
+    assert sfr["timings"]["generalist_wall_s"] > 0 and "sfr_loss" in sfr["training"]["curves"]
+    assert "nnUNetTrainerSFR_smoke (semi-supervised, with its per-fold pre-stage" in report
     new = checkpoints(benchmark["results_dir"])
-    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 1  # SemiSAM's
+    # SemiSAM's and SFR's
+    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 2

@@ -27,6 +27,7 @@ ROLE_ORDER = {LOWER: 0, GENERALIST: 1, SSL: 1, UPPER: 2}
 #: how the rows of --cached-trainers are labelled
 CACHED_LABEL = "semi-supervised, generalist labels prompted by the labeled-only model"
 GENERALIST_LABEL = "the generalist alone, prompted by the labeled-only model (predict-generalist)"
+PRESTAGE_LABEL = "semi-supervised, with its per-fold pre-stage (e.g. SFR's fine-tuned generalist)"
 
 
 def _column_sort_key(column: str):
@@ -46,6 +47,7 @@ def aggregate(results: List[dict]) -> dict:
         classes = runs[0]["evaluation"]["classes"]
         entry = {"role": runs[0]["run"]["role"], "method": runs[0]["run"]["method"],
                  "pseudo_labels": bool(runs[0]["run"].get("pseudo_labels")),
+                 "prestage": bool(runs[0]["run"].get("prestage")),
                  "num_labeled": runs[0]["run"]["num_labeled"],
                  "num_train": sorted({r["run"]["num_train"] for r in runs}),
                  "seeds": [r["run"]["seed"] for r in runs], "runs": [r["run"]["run_id"] for r in runs],
@@ -202,6 +204,8 @@ def _metric_table(data: dict, metric: str, std_key: str, columns: List[str], upp
         entries = aggregates[trainer]
         if any(e["role"] == LOWER for e in entries.values()):
             label = f"{trainer} (labeled only / all labels)"
+        elif any(e.get("prestage") for e in entries.values()):
+            label = f"{trainer} ({PRESTAGE_LABEL})"
         elif any(e.get("pseudo_labels") for e in entries.values()):
             label = f"{trainer} ({CACHED_LABEL})"
         elif any(e["role"] == GENERALIST for e in entries.values()):
@@ -427,8 +431,8 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
                 y = [_number(entries[c]["foreground_mean"][metric]["mean"], math.nan) for c in columns]
                 err = [_number(entries[c]["foreground_mean"][metric][std_key]) for c in columns]
                 role = entries[columns[0]]["role"]
-                kind = "labeled only" if role == LOWER else CACHED_LABEL if entries[columns[0]].get("pseudo_labels") \
-                    else "semi-supervised"
+                kind = "labeled only" if role == LOWER else PRESTAGE_LABEL if entries[columns[0]].get("prestage") \
+                    else CACHED_LABEL if entries[columns[0]].get("pseudo_labels") else "semi-supervised"
                 label = GENERALIST_LABEL if role == GENERALIST else f"{trainer} ({kind})"
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=label)
             if "all" in entries:

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 from nnunet_foundation.benchmark.settings import (GENERALIST, LOWER, SSL, UPPER, BenchmarkError, BenchmarkSettings,
                                                  Run)
 from nnunet_foundation.subprocesses import CommandFailed, nnunet_environment, run_logged
+from nnunet_foundation.training.checkpoint_files import was_interrupted
 
 MARKER = ".nnunet_foundation_benchmark"
 # lines of nnU-Net's training output shown live (everything goes to the log file)
@@ -181,6 +182,7 @@ class Benchmark:
                                                       other_seeds_at=s.other_seeds_at or None)
         except SplitError as e:
             raise BenchmarkError(str(e)) from None
+        prestaged = self._prestage_hooks()
         runs: List[Run] = []
         for fold, info in zip(folds, infos):
             baseline = s.baseline_trainer
@@ -192,13 +194,44 @@ class Benchmark:
                 runs.append(Run(GENERALIST, f"{s.trainer_class(baseline)}+generalist", "generalist", info.fold,
                                 info.seed, info.num_labeled, fold, prompted_by=s.trainer_class(baseline)))
             for method in s.trainers:
-                runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold))
-            # after the labeled-only run of the fold, whose model prompts the generalist for their cache
+                runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold,
+                                prestage=method in prestaged))
+            # after the labeled-only run of the fold, whose model prompts the generalist for their cache; a trainer
+            # with its own pre-stage makes its own cache (SFR: its fine-tuned generalist's labels)
             cache = f"{s.trainer_class(baseline)}__{s.plans}__fold{info.fold}"
             for method in s.cached_trainers:
+                own = prestaged[method](**self._prestage_arguments(method, info.fold, cached=True))[1] \
+                    if method in prestaged else None
                 runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold,
-                                pseudo_labels=cache))
+                                pseudo_labels=own or cache, prestage=method in prestaged))
         return runs, folds, infos, test
+
+    def _prestage_hooks(self) -> dict:
+        """Base trainer name -> its class's ``benchmark_prestage`` (a per-fold command before training, e.g. SFR's
+        fine-tuning), for the benchmark's trainers that have one; --prestage-options for any other is refused."""
+        from nnunet_foundation.training.settings import package_trainer_classes
+
+        s = self.settings
+        methods = set(s.trainers) | set(s.cached_trainers)
+        hooks = {cls.__name__: cls.benchmark_prestage for cls in package_trainer_classes()
+                 if cls.__name__ in methods and hasattr(cls, "benchmark_prestage")}
+        for item in s.prestage_options:
+            name = item.partition("=")[0]
+            if name not in hooks:
+                raise BenchmarkError(f"--prestage-options {item!r}: {name} has no pre-stage (trainers with one: "
+                                     f"{', '.join(sorted(hooks)) or 'none in this benchmark'})")
+        return hooks
+
+    def _prestage_arguments(self, method: str, fold: int, cached: bool) -> dict:
+        s = self.settings
+        return dict(dataset=str(self.dataset_id), configuration=s.configuration, plans=s.plans, fold=fold,
+                    device="cuda" if s.device == "cuda" else "cpu", generalist=s.pseudo_label_generalist,
+                    options=s.prestage_option_list(method), cached=cached)
+
+    def prestage_command(self, run: Run) -> List[str]:
+        """The run's per-fold pre-stage (see Run.prestage): e.g. nnunet-foundation sfr for nnUNetTrainerSFR."""
+        hook = self._prestage_hooks()[run.method]
+        return hook(**self._prestage_arguments(run.method, run.fold, cached=run.method in self.settings.cached_trainers))[0]
 
     def labeled_only_run(self, run: Run) -> Run:
         """The labeled-only run of ``run``'s fold (its model prompts the generalist for ``run``'s cache)."""
@@ -380,7 +413,7 @@ class Benchmark:
             return PREDICT
         if run.role == GENERALIST:  # it trains nothing: the training folder is its prompter's
             return WAITING
-        if (self.training_folder(run) / "checkpoint_latest.pth").is_file():
+        if was_interrupted(str(self.training_folder(run))):
             return RESUME
         return TRAIN
 
@@ -477,7 +510,11 @@ class Benchmark:
                 print(f"{head}: {verb}: fold {run.fold}, {run.trainer}, {len(run.split['train'])} labeled"
                       + (f" + {len(run.split['unlabeled'])} unlabeled" if run.role == SSL else "")
                       + f" cases, {self.budget.description}", flush=True)
-                if run.pseudo_labels:  # finished cases are skipped, so a resumed run costs a model load only
+                if run.prestage:  # it skips what it finished, so a resumed run costs little
+                    cmd = self.prestage_command(run)
+                    print(f"      pre-stage: {' '.join(cmd)}", flush=True)
+                    timings["generalist_wall_s"] = self._run_command(cmd, logs / f"{run.run_id}.prestage.log")
+                elif run.pseudo_labels:  # finished cases are skipped, so a resumed run costs a model load only
                     timings["generalist_wall_s"] = self._make_pseudo_labels(run, logs)
                 timings["train_wall_s"] = self._run_command(self.train_command(run, status == RESUME),
                                                             logs / f"{run.run_id}.train.log", show_progress=True,
@@ -569,7 +606,9 @@ class Benchmark:
             else:
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.train_command(run))}, then "
                              f"nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
-            if run.pseudo_labels:
+            if run.prestage:
+                lines.append(f"#   first, per fold: {shlex.join(self.prestage_command(run))}")
+            elif run.pseudo_labels:
                 lines.append(f"#   after {self.labeled_only_run(run).run_id}: first the generalist's labels of the "
                              f"fold's unlabeled cases, prompted by that run's model ({run.pseudo_labels})")
             lines.append(shlex.join(["nnunet-foundation", *base, "--run", run.run_id]))

@@ -60,6 +60,9 @@ class BenchmarkSettings:
     # per scarce fold, a row of the generalist alone prompted by the labeled-only model (predict-generalist), with
     # the configuration of --pseudo-label-generalist
     generalist_row: bool = False
+    # 'TRAINER=OPTIONS': extra options of a trainer's per-fold pre-stage command (e.g. nnUNetTrainerSFR's
+    # nnunet-foundation sfr: 'nnUNetTrainerSFR=--iterations 300'), as given on the command line
+    prestage_options: Tuple[str, ...] = ()
 
     @property
     def baseline_trainer(self) -> str:
@@ -91,6 +94,18 @@ class BenchmarkSettings:
                 parse_generalist_setting(self.pseudo_label_generalist)
             except (GeneralistConfigError, ValueError, TypeError) as e:
                 raise BenchmarkError(f"--pseudo-label-generalist: {e}") from None
+        prestage = {}
+        for item in self.prestage_options:
+            name, sep, options = item.partition("=")
+            base = self._base_names([name.strip()])[0] if name.strip() else ""
+            if not sep or base not in trainers + cached:
+                raise BenchmarkError(f"--prestage-options {item!r}: expected TRAINER=OPTIONS with TRAINER one of "
+                                     f"--trainers / --cached-trainers ({', '.join(trainers + cached) or 'none'})")
+            try:
+                shlex.split(options)
+            except ValueError as e:
+                raise BenchmarkError(f"--prestage-options {item!r}: {e}") from None
+            prestage[base] = options.strip()
         if any(n < 1 for n in self.labeled) or not self.labeled:
             raise BenchmarkError("--labeled needs one or more counts of at least 1 labeled case")
         if not self.seeds:
@@ -111,6 +126,7 @@ class BenchmarkSettings:
         return BenchmarkSettings(**{**asdict(self), "labeled": tuple(sorted(set(self.labeled))),
                                     "seeds": tuple(dict.fromkeys(self.seeds)), "trainers": tuple(trainers),
                                     "cached_trainers": tuple(cached),
+                                    "prestage_options": tuple(f"{k}={v}" for k, v in sorted(prestage.items())),
                                     "tolerance": tuple(self.tolerance),
                                     # one spelling per study: sorted, and the unused test-case count zeroed
                                     "test_fraction": tuple(f"{d}={f:g}" for d, f in sorted(fractions.items())),
@@ -131,6 +147,14 @@ class BenchmarkSettings:
                 out.append(base)
         return out
 
+    def prestage_option_list(self, method: str) -> List[str]:
+        """The extra pre-stage options given for ``method`` (a base trainer name), split like a shell would."""
+        for item in self.prestage_options:
+            name, _, options = item.partition("=")
+            if name == method:
+                return shlex.split(options)
+        return []
+
     def trainer_class(self, base: str) -> str:
         return f"{base}_{self.budget}"
 
@@ -144,6 +168,7 @@ class BenchmarkSettings:
                 *(["--pseudo-label-generalist", self.pseudo_label_generalist]
                   if self.pseudo_label_generalist is not None else []),
                 *(["--generalist-row"] if self.generalist_row else []),
+                *(["--prestage-options", *self.prestage_options] if self.prestage_options else []),
                 "--budget", self.budget, "--num-val", str(self.num_val)]
         if self.test_list:
             args += ["--test-list", self.test_list]
@@ -179,6 +204,8 @@ class Run:
     pseudo_labels: Optional[str] = None
     # GENERALIST runs: the labeled-only trainer class whose model prompts the generalist (its training folder)
     prompted_by: Optional[str] = None
+    # the trainer class has a per-fold pre-stage (``benchmark_prestage``, e.g. SFR's fine-tuning) run before training
+    prestage: bool = False
 
     @property
     def run_id(self) -> str:
@@ -196,4 +223,5 @@ class Run:
                 "num_train": len(self.split["train"]), "num_val": len(self.split["val"]),
                 "num_unlabeled_from_split": len(self.split.get("unlabeled", [])),
                 **({"pseudo_labels": self.pseudo_labels} if self.pseudo_labels else {}),
-                **({"prompted_by": self.prompted_by} if self.prompted_by else {})}
+                **({"prompted_by": self.prompted_by} if self.prompted_by else {}),
+                **({"prestage": True} if self.prestage else {})}

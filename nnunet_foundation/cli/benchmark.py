@@ -14,7 +14,8 @@ def run(args) -> int:
         dataset=args.d, configuration=args.c, plans=args.p, labeled=tuple(args.labeled), seeds=tuple(args.seeds),
         other_seeds_at=tuple(args.other_seeds_at or ()),
         trainers=tuple(args.trainers), cached_trainers=tuple(args.cached_trainers or ()),
-        pseudo_label_generalist=args.pseudo_label_generalist, generalist_row=args.generalist_row, budget=args.budget, num_val=args.num_val,
+        pseudo_label_generalist=args.pseudo_label_generalist, generalist_row=args.generalist_row,
+        prestage_options=tuple(args.prestage_options or ()), budget=args.budget, num_val=args.num_val,
         test_cases=20 if args.test_cases is None else args.test_cases, test_list=args.test_list,
         test_seed=args.test_seed, test_fraction=tuple(args.test_fraction or ()),
         labeled_domains=tuple(args.labeled_domain or ()), tolerance=tuple(args.tolerance or ()),
@@ -120,11 +121,17 @@ def register(subparsers) -> None:
                    help="trainers that learn from an offline generalist cache (setting 'pseudo_labels', e.g. "
                         "nnUNetTrainerSemiSAM): per scarce fold, the fold's labeled-only model prompts the generalist "
                         "once (nnunet-foundation pseudo-label, cache <labeled-only trainer>__<plans>__fold<F>), then "
-                        "they train; the generalist's time is reported apart. A trainer is either here or in "
-                        "--trainers")
+                        "they train; the generalist's time is reported apart. A trainer with its own pre-stage "
+                        "makes its own cache instead (nnUNetTrainerSFR: nnunet-foundation sfr --pseudo-labels, cache "
+                        "SFR__<plans>__fold<F>). A trainer is either here or in --trainers")
     p.add_argument("--pseudo-label-generalist", metavar="JSON",
-                   help="generalist configuration of that cache and of --generalist-row (JSON object or file; "
+                   help="generalist configuration of that cache, of --generalist-row and of SFR's pre-stage (JSON "
+                        "object or file; "
                         "default: pseudo-label's, LiteMedSAM)")
+    p.add_argument("--prestage-options", nargs="+", metavar="TRAINER=OPTIONS",
+                   help="extra options of a trainer's per-fold pre-stage, run before its training (nnUNetTrainerSFR: "
+                        "nnunet-foundation sfr, e.g. 'nnUNetTrainerSFR=--iterations 300 --plus'); the pre-stage's "
+                        "time is reported with the generalist's")
     p.add_argument("--generalist-row", action="store_true",
                    help="per scarce fold, also score the generalist alone on the test set, prompted by the fold's "
                         "labeled-only model (nnunet-foundation predict-generalist after that run; no training): "

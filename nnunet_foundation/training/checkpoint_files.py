@@ -20,6 +20,13 @@ from nnunet_foundation.atomic_files import write_atomically
 RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
+def was_interrupted(training_folder: str) -> bool:
+    """A training folder holding what nnU-Net's ``--c`` continues from without a final checkpoint: a latest one, or
+    only the best one (short runs write checkpoint_latest.pth every 50 epochs only, but the best after any epoch)."""
+    return not os.path.isfile(os.path.join(training_folder, RESUME_ORDER[0])) and \
+        any(os.path.isfile(os.path.join(training_folder, name)) for name in RESUME_ORDER[1:])
+
+
 class UnreadableCheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read; the message names the file and the fix."""
 

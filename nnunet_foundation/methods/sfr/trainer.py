@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -50,6 +51,16 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
     }
     ssl_log_keys = nnUNetTrainerMeanTeacher.ssl_log_keys + ("sfr_loss", "sfr_weight", "generalist_seconds",
                                                             "pseudo_coverage")
+
+    @classmethod
+    def benchmark_prestage(cls, dataset: str, configuration: str, plans: str, fold: int, device: str,
+                           generalist: Optional[str], options: List[str], cached: bool) -> Tuple[List[str], Optional[str]]:
+        """What the benchmark runs once per fold before training this trainer: ``nnunet-foundation sfr`` (the
+        fine-tuning on the fold's labeled cases, skipped when finished), and for a cached run also its pseudo-labels
+        of the fold's unlabeled cases. Returns the command and the cache the training reads (None: online)."""
+        cmd = ["nnunet-foundation", "sfr", "-d", dataset, "-c", configuration, "-p", plans, "-f", str(fold),
+               "-device", device, *(["--generalists", generalist] if generalist is not None else []), *options]
+        return (cmd + ["--pseudo-labels"], f"SFR__{plans}__fold{fold}") if cached else (cmd, None)
 
     # nnU-Net's __init__ records its caller's arguments by name (locals()[name] for every parameter of
     # type(self).__init__), so a trainer's __init__ must keep exactly nnU-Net's signature: no *args/**kwargs.
