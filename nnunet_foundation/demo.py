@@ -282,7 +282,9 @@ def run_demo(workdir: str, settings: DemoSettings, device: str) -> dict:
             previous = _previous_results(workdir).get(trainer, {})
             seconds = previous.get("train_seconds")
         else:
-            resume = ["--c"] if (out / "checkpoint_latest.pth").exists() else []
+            from nnunet_foundation.training.checkpoint_files import was_interrupted
+
+            resume = ["--c"] if was_interrupted(str(out)) else []
             _run(["nnUNetv2_train", str(DEMO_DATASET_ID), configuration, "0", "-tr", trainer, "-device", device,
                   *resume], {**env, **(extra_env or {})}, logs / f"train_{trainer}.log",
                  show=lambda line: any(m in line for m in PROGRESS_MARKERS))

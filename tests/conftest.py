@@ -124,3 +124,40 @@ def tree_digest(folder: Path) -> dict:
         if p.is_file():
             out[str(p.relative_to(folder))] = hashlib.sha1(p.read_bytes()).hexdigest()
     return out
+
+
+def train_until_first_checkpoint(command: list, env: dict, checkpoint: Path, timeout: float = 600,
+                                 with_output: bool = False):
+    """Run a training command (nnUNetv2_train, or a command that runs it) and kill it (the whole process group, like
+    a lost cluster job) as soon as ``checkpoint`` is completely written; returns the loaded checkpoint (and, with
+    ``with_output``, what the command had printed)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    proc = subprocess.Popen([str(BIN / command[0]), *map(str, command[1:])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"training ended (rc {proc.returncode}) before it could be interrupted:\n"
+                                     f"{proc.stdout.read()[-4000:]}")
+            if checkpoint.exists():
+                try:
+                    state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # fails while still written
+                except Exception:
+                    pass
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return (state, proc.stdout.read()) if with_output else state
+            time.sleep(0.05)
+        raise AssertionError(f"{checkpoint} did not appear within {timeout} s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SYNTHETIC_ID, SYNTHETIC_NAME, copy_nnunet_tree, run_cli, write_split
+from conftest import (SYNTHETIC_ID, SYNTHETIC_NAME, copy_nnunet_tree, run_cli, train_until_first_checkpoint,
+                      write_split)
 
 from nnunet_foundation.methods.ifl.keyframes import KeySlice, KeySliceSettings, key_slices, slice_uncertainty
 from nnunet_foundation.methods.ifl.propagation import combine_classes, propagate_class
@@ -182,15 +183,28 @@ def test_ifl_rounds_through_the_cli_resume_by_parts_and_predict(synthetic_datase
     assert "part 2/2 of round 2 done" in part.stdout
     assert len(list((caches / "IFL__nnUNetPlans__fold0__round2").glob("*.npz"))) == 1
     assert not fold("nnUNetTrainerIFLRound2_smoke").exists()
+    # the plain command pseudo-labels the rest and trains round 2; killed after that training's first epoch (a lost
+    # job), the same command again resumes the training with --c from the checkpoint it left
+    round2 = fold("nnUNetTrainerIFLRound2_smoke")
+    interrupted, output = train_until_first_checkpoint([*command, "--rounds", 2], env, round2 / "checkpoint_best.pth",
+                                                       with_output=True)
+    assert "1 already done, 1 to do" in output  # the part done earlier is kept
+    assert interrupted["current_epoch"] == 1 and not (round2 / "checkpoint_final.pth").exists()
+    labels2 = {p.name: p.stat().st_mtime_ns for p in (caches / "IFL__nnUNetPlans__fold0__round2").glob("*.npz")}
+    assert len(labels2) == 2  # the killed command had finished the round's pseudo-labels
     finish = run_cli([*command, "--rounds", 2], env)
-    assert "1 already done, 1 to do" in finish.stdout and "final model is round 2's" in finish.stdout
+    assert "final model is round 2's" in finish.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (caches / "IFL__nnUNetPlans__fold0__round2").glob("*.npz")} == \
+        labels2  # not pseudo-labelled again
+    assert "-tr nnUNetTrainerIFLRound2_smoke -p nnUNetPlans -device cpu --c" in finish.stdout
+    resumed = torch.load(round2 / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == 2 and \
+        resumed["logging"]["unsup_loss"][:1] == interrupted["logging"]["unsup_loss"][:1]  # epoch 0 kept
     assert [e["round"] for e in rounds()] == [0, 1, 2] and 0.0 <= rounds()[2]["pseudo_label_change"] <= 1.0
     assert (fold("nnUNetTrainerEMA_smoke") / "checkpoint_final.pth").stat().st_mtime_ns == round0  # not retrained
     assert not (work / "round0" / "softmax").exists() and (work / "round1" / "softmax").is_dir()  # history of 2
     assert (work / "ifl_progress.png").stat().st_size > 0
-    checkpoint2 = torch.load(fold("nnUNetTrainerIFLRound2_smoke") / "checkpoint_final.pth", map_location="cpu",
-                             weights_only=False)
-    assert all(v > 0 for v in checkpoint2["logging"]["unsup_loss"])
+    assert all(v > 0 for v in resumed["logging"]["unsup_loss"])
 
     refused = run_cli([*command, "--rounds", 2, "--history", 3], env, check=False)
     assert refused.returncode == 2 and "other inputs (settings differ)" in refused.stderr

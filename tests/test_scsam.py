@@ -11,8 +11,9 @@ import torch
 
 pytest.importorskip("segment_anything")
 
-from conftest import SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli  # noqa: E402
-from test_synfoc import assert_tensors_equal, load, train_until_first_checkpoint  # noqa: E402
+from conftest import (SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli,  # noqa: E402
+                      train_until_first_checkpoint)
+from test_synfoc import load  # noqa: E402
 
 SCSAM = "nnUNetTrainerSCSAM_smoke"
 # the reference's prompt-token network is 256 channels wide; 8 keeps the CPU tests fast (same architecture)

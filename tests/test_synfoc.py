@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("segment_anything")
 
-from conftest import SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli  # noqa: E402
+from conftest import (SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli,  # noqa: E402
+                      train_until_first_checkpoint)
 
 SYNFOC = "nnUNetTrainerSynFoC_smoke"
 
@@ -44,41 +45,6 @@ def assert_tensors_equal(a, b):
         assert torch.equal(a, b)
     else:
         assert a == b
-
-
-def train_until_first_checkpoint(command: list, env: dict, checkpoint: Path, timeout: float = 600) -> dict:
-    """Run nnUNetv2_train and kill it (the whole process group, like a lost cluster job) as soon as ``checkpoint``
-    is completely written; returns the loaded checkpoint."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from conftest import BIN
-
-    proc = subprocess.Popen([str(BIN / command[0]), *map(str, command[1:])], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"training ended (rc {proc.returncode}) before it could be interrupted:\n"
-                                     f"{proc.stdout.read()[-4000:]}")
-            if checkpoint.exists():
-                try:
-                    state = load(checkpoint)  # fails while torch.save is still writing
-                except Exception:
-                    pass
-                else:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    return state
-            time.sleep(0.05)
-        raise AssertionError(f"{checkpoint} did not appear within {timeout} s")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def check_interrupted_run_resumes_exactly(train: list, env: dict, out: Path, tmp_path: Path) -> dict:

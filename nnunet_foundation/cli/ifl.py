@@ -94,6 +94,7 @@ def _run(args) -> int:
     from nnunet_foundation.methods.ifl.propagation import PropagationSettings
     from nnunet_foundation.methods.ifl.trainer import MAX_ROUNDS, ifl_cache_name
     from nnunet_foundation.subprocesses import nnunet_environment
+    from nnunet_foundation.training.checkpoint_files import was_interrupted
     from nnunet_foundation.specialist import checkpoint_digest, load_specialist
     from nnunet_foundation.training.budgets import BUDGETS
     from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, plans_fingerprint
@@ -155,7 +156,7 @@ def _run(args) -> int:
             return
         cmd = ["nnUNetv2_train", str(args.d), args.c, str(args.f), "-tr", _trainer(r, args.budget), "-p", args.p,
                "-device", args.device]
-        if os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")):
+        if was_interrupted(folder):
             cmd.append("--c")  # a killed training resumes (nnU-Net refuses --c together with -pretrained_weights)
         elif r > 0:
             cmd += ["-pretrained_weights", os.path.join(fold_folder(r - 1), "checkpoint_final.pth")]
