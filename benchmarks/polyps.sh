@@ -22,10 +22,11 @@
 #     and NSD uses a 2-pixel tolerance.
 #
 # CPU budget (2 cores), `bash benchmarks/polyps.sh cpu cpu2dpolyps OUTPUT`: 20 epochs x 25 iterations = 500
-# iterations at batch 4 (+ 4 unlabeled) of 112 x 128 patches for every nnU-Net row. The default rows (labeled-only,
-# Mean Teacher, CPS; fully supervised) are 4 scarce folds x 3 + 2 = 14 trainings, each followed by the prediction of
-# the ~344 test images: about 1.5-2 hours on an otherwise idle 2-core machine, by the estimate in
-# docs/benchmarks/polyps_cpu_budget.md (cost per iteration measured on this data, times the runs). SemiSAM learns
+# iterations at batch 4 (+ 4 unlabeled) of 112 x 128 patches for every nnU-Net row. The online rows (labeled-only,
+# Mean Teacher, CPS, MixedDomain; fully supervised) are 4 scarce folds x 4 + 2 = 18 trainings, each followed by the
+# prediction of the ~344 test images; labeled-only, Mean Teacher, CPS and fully supervised alone were estimated at
+# 1.5-2 hours on an otherwise idle 2-core machine (docs/benchmarks/polyps_cpu_budget.md: cost per iteration measured
+# on this data, times the runs); MixedDomain adds a teacher-student training per fold (the report times it). SemiSAM learns
 # from an offline LiteMedSAM cache (--cached-trainers): per scarce fold, the fold's labeled-only model prompts
 # LiteMedSAM once over the unlabeled pool (nnunet-foundation pseudo-label; about 0.9 s per image on two cores, so
 # roughly 15 minutes per fold for the ~930 unlabeled images, 4 folds), then SemiSAM trains with the cache as a
@@ -37,7 +38,8 @@
 # time" table shows the real seconds per epoch after the first runs.
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
-# (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS), CACHED_TRAINERS those trained from the LiteMedSAM cache
+# (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain - issue 19's mixed-domain method,
+# never told the domains), CACHED_TRAINERS those trained from the LiteMedSAM cache
 # (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining), PSEUDO_LABEL_GENERALIST that cache's generalist
 # (JSON; default LiteMedSAM), MAX_SIZE the image size, NNUNET_NP the worker processes.
 set -euo pipefail
@@ -47,7 +49,7 @@ OUTPUT=${3:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 JOBS=${4:-1}
 DATA=${POLYPS_DATA:-$(dirname "$0")/../../shared/data/Polyps}
 MAX_SIZE=${MAX_SIZE:-128}
-TRAINERS=${TRAINERS:-nnUNetTrainerMeanTeacher nnUNetTrainerCPS}
+TRAINERS=${TRAINERS:-nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain}
 CACHED_TRAINERS=${CACHED_TRAINERS-nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining}
 # SemiSAM from a cache made once: the labels stay as good as they were, so they weigh fully for the whole run
 export nnUNet_ssl_sam_loss=${nnUNet_ssl_sam_loss:-ce} nnUNet_ssl_sam_weight=${nnUNet_ssl_sam_weight:-1} \
