@@ -222,8 +222,13 @@ def main(argv=None) -> int:
     from nnunet_foundation.evaluation import evaluate_folder
 
     dataset_json = json.loads((raw / "dataset.json").read_text())
+    import platform
+
     results = {"budget": b, "labeled": args.labeled, "seed": args.seed, "test_patients": len(test_cases),
-               "phases_simulated": True, "rows": {}}
+               "phases_simulated": True, "machine": f"{platform.processor() or platform.machine()}, "
+                                                     f"{os.cpu_count()} CPU cores, device {args.device}",
+               "command": "python benchmarks/hippocampus_multiphase.py " + " ".join(argv or sys.argv[1:]),
+               "rows": {}}
     for name, trainer, fold, _ in rows:
         entry = {"trainer": trainer, "fold": fold, "dice": {},
                  "train_seconds": float((folder(trainer, fold) / "wall_seconds.txt").read_text())
@@ -257,6 +262,11 @@ def write_report(work: Path, results: dict) -> None:
     phases = list(next(iter(results["rows"].values()))["dice"])
     lines = [f"# Multi-phase SSL on Hippocampus with simulated phases ({results['labeled']} labeled T1 cases, budget "
              f"{results['budget']}, seed {results['seed']}, {results['test_patients']} held-out test patients)", "",
+             "T1 is the real MRI, the only labeled phase; T2 and DWI are simulated from it (inverted / blurred and "
+             "noisy, other intensity curves, shifted up to 3 voxels, DWI missing for a third of the patients), so "
+             "these numbers show the pipeline and the direction of an effect, not what real phases would give. Test "
+             "patients are held out whole; Dice is the mean over foreground classes and test cases of each phase. "
+             f"Machine: {results.get('machine', 'not recorded')}. Command: `{results.get('command', '')}`.", "",
              "| row | " + " | ".join(f"Dice {p}" for p in phases) + " | training s |",
              "|---" * (len(phases) + 2) + "|"]
     for name, entry in results["rows"].items():
