@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     from nnunet_foundation.subprocesses import nnunet_environment
+    from nnunet_foundation.training.checkpoint_files import was_interrupted
 
     work = args.work.resolve()
     env = nnunet_environment()
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
             continue
         print(f"== [{(time.time() - started) / 60:.0f} min] training {name}: {trainer} fold {fold}", flush=True)
         cmd = ["nnUNetv2_train", DATASET_ID, "2d", fold, "-tr", trainer, "-device", args.device]
-        if (out / "checkpoint_latest.pth").exists() or (out / "checkpoint_best.pth").exists():
+        if was_interrupted(str(out)):
             cmd.append("--c")
         elif extra == "pretrained":
             cmd += ["-pretrained_weights", folder(f"nnUNetTrainerEMA_{b}", 0) / "checkpoint_final.pth"]

@@ -182,7 +182,8 @@ class Benchmark:
                                                       other_seeds_at=s.other_seeds_at or None)
         except SplitError as e:
             raise BenchmarkError(str(e)) from None
-        prestaged = self._prestage_hooks()
+        # looked up once (it imports every method module); prestage_command reuses it
+        self.prestage_hooks = prestaged = self._prestage_hooks()
         runs: List[Run] = []
         for fold, info in zip(folds, infos):
             baseline = s.baseline_trainer
@@ -230,7 +231,7 @@ class Benchmark:
 
     def prestage_command(self, run: Run) -> List[str]:
         """The run's per-fold pre-stage (see Run.prestage): e.g. nnunet-foundation sfr for nnUNetTrainerSFR."""
-        hook = self._prestage_hooks()[run.method]
+        hook = self.prestage_hooks[run.method]
         return hook(**self._prestage_arguments(run.method, run.fold, cached=run.method in self.settings.cached_trainers))[0]
 
     def labeled_only_run(self, run: Run) -> Run:
