@@ -144,6 +144,11 @@ def test_sfr_runs_its_fine_tuning_per_fold_before_training_and_reads_its_own_cac
     online = make_benchmark(trainers=("nnUNetTrainerSFR",))
     run = next(r for r in online.runs if r.method == "nnUNetTrainerSFR")
     assert run.prestage and not run.pseudo_labels and "--pseudo-labels" not in online.prestage_command(run)
+    # --pseudo-label-generalist configures online SFR's pre-stage too (no cached trainer, no generalist row needed)
+    online = make_benchmark(trainers=("nnUNetTrainerSFR",), pseudo_label_generalist=generalist)
+    run = next(r for r in online.runs if r.method == "nnUNetTrainerSFR")
+    command = online.prestage_command(run)
+    assert command[command.index("--generalists") + 1] == generalist
     # options for a trainer without a pre-stage, or one not in the benchmark, are refused before anything runs
     with pytest.raises(BenchmarkError, match="has no pre-stage"):
         make_benchmark(prestage_options=("nnUNetTrainerMeanTeacher=--iterations 3",))

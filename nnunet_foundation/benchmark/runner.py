@@ -221,6 +221,10 @@ class Benchmark:
             if name not in hooks:
                 raise BenchmarkError(f"--prestage-options {item!r}: {name} has no pre-stage (trainers with one: "
                                      f"{', '.join(sorted(hooks)) or 'none in this benchmark'})")
+        if s.pseudo_label_generalist is not None and not (s.cached_trainers or s.generalist_row or hooks):
+            raise BenchmarkError("--pseudo-label-generalist configures the cache of --cached-trainers, the "
+                                 "--generalist-row and the pre-stage of a trainer that has one (nnUNetTrainerSFR); "
+                                 "this benchmark has none of those")
         return hooks
 
     def _prestage_arguments(self, method: str, fold: int, cached: bool) -> dict:

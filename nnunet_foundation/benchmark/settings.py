@@ -85,9 +85,8 @@ class BenchmarkSettings:
                                  f"per trainer class and fold, so a trainer runs either with its online settings or "
                                  f"from the generalist cache in one benchmark.")
         if self.pseudo_label_generalist is not None:
-            if not cached and not self.generalist_row:
-                raise BenchmarkError("--pseudo-label-generalist configures the cache of --cached-trainers and the "
-                                     "--generalist-row; give one of those too")
+            # whether an online trainer has a pre-stage it configures (SFR) is known only once the trainer classes
+            # are imported: the plan checks that (Benchmark._prestage_hooks)
             from nnunet_foundation.foundation.config import GeneralistConfigError, parse_generalist_setting
 
             try:  # a typo fails now, not after the first labeled-only training
