@@ -60,6 +60,31 @@ def test_random_walk_spreads_inside_object_not_across_edge():
     assert flat[~inside].max() > 0.1
 
 
+def test_prompt_probabilities_let_the_walk_spread_where_raw_logits_of_a_box_trained_model_do_not():
+    torch.manual_seed(0)
+    h = w = 20
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[4:14, 3:11] = True
+    # 16 point answers as LiteMedSAM gives them (-20 +- 3 wherever no mask responds), one prompt's mask on the object
+    answers = -20 + 3 * torch.randn(16, 1, h, w)
+    answers[0, 0] = torch.where(inside, 8.0, -8.0) + torch.randn(h, w)
+    cam = torch.zeros(1, h, w)
+    cam[0, 8, 6] = 1.0
+
+    def walk(kind):
+        summed = aff.prompt_response_map(answers, kind)
+        assert summed.shape == (1, h, w)
+        return aff.random_walk(cam, aff.transition_matrix(aff.affinity_matrix(summed, 5), 4), steps=4)[0]
+
+    probabilities, logits = walk("probabilities"), walk("logits")
+    assert (probabilities[inside] > 0.01).all() and probabilities[inside].mean() > 0.3, "spreads over the object"
+    assert probabilities[~inside].mean() < 0.05 * probabilities[inside].mean(), "and stops at its edge"
+    # the released code's raw-logit sum: the noise between neighbours is tens of logits, the walk stays on its seed
+    assert (logits[inside] > 0.01).float().mean() < 0.05
+    with pytest.raises(ValueError, match="prompt map"):
+        aff.prompt_response_map(answers, "softmax")
+
+
 def test_point_grid_covers_whole_image():
     height, width, n = 48.0, 36.0, 4
     points = aff.uniform_point_grid(height, width, n)

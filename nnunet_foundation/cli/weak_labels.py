@@ -19,6 +19,8 @@ SETTING_HELP = {
     "lr": "AdamW peak learning rate of LoRA", "head_lr": "AdamW peak learning rate of the heads",
     "weight_decay": "AdamW weight decay",
     "points_per_side": "uniform grid of N x N single-point prompts",
+    "prompt_map": "what the affinity compares: 'probabilities' (the prompts' summed sigmoid; ours) or 'logits' "
+                  "(their summed raw logits, the released code)",
     "affinity_radius": "affinity neighbourhood radius in embedding cells",
     "beta": "power of the affinity", "walk_steps": "random-walk steps",
     "blur_sigma": "Gaussian blur sigma in px of a 256-px model input (scaled with the input size)",

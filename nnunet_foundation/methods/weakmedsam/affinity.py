@@ -6,7 +6,6 @@ is dense (4096^2 floats, 64 MiB), which is cheaper on a CPU than sparse indexing
 """
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,27 @@ def neighbourhood(height: int, width: int, radius: float) -> torch.Tensor:
     return torch.cdist(coords, coords) < float(radius)
 
 
+PROMPT_MAPS = ("probabilities", "logits")
+
+
+def prompt_response_map(point_logits: torch.Tensor, kind: str = "probabilities") -> torch.Tensor:
+    """The map the affinity compares, from ``(P, ...)`` mask logits of P single-point prompts: the sum of their
+    sigmoid probabilities (``"probabilities"``) or of their raw logits (``"logits"``, the released code).
+
+    Why probabilities by default: a box-trained model (LiteMedSAM) answers single points with logits of -15 to -25
+    almost everywhere, so the sum of 16 logit maps differs by tens between neighbouring cells wherever no mask
+    responds - affinities ~1e-4, a walk that stays where it starts. Probabilities are ~0 there (affinity ~1) and
+    change only where a prompt's mask has an edge; measured on Kvasir-SEG in docs/benchmarks/weakmedsam_affinity."""
+    if kind == "probabilities":
+        return torch.sigmoid(point_logits.float()).sum(0)
+    if kind == "logits":
+        return point_logits.float().sum(0)
+    raise ValueError(f"prompt map must be one of {PROMPT_MAPS}, got {kind!r}")
+
+
 def affinity_matrix(mask_logits: torch.Tensor, radius: float = 5.0) -> torch.Tensor:
-    """Affinity of every pair of cells of a ``(C, h, w)`` (or ``(h, w)``) map of summed prompt logits:
+    """Affinity of every pair of cells of a ``(C, h, w)`` (or ``(h, w)``) prompt response map
+    (:func:`prompt_response_map`):
     ``a_ij = exp(-mean_c |m_i - m_j|)`` for cells within ``radius``, 0 elsewhere. Symmetric, 1 on the diagonal."""
     m = mask_logits if mask_logits.dim() == 3 else mask_logits[None]
     c, h, w = m.shape

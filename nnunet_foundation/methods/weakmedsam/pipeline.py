@@ -60,6 +60,9 @@ class WeakMedSAMSettings:
     head_lr: float = 1e-2
     weight_decay: float = 0.01
     points_per_side: int = 4           # uniform grid of points_per_side^2 single-point prompts (reference: 4 x 4)
+    # ours: what the affinity compares - the prompts' summed probabilities; the reference sums raw logits, which
+    # with LiteMedSAM's point answers makes neighbouring affinities ~1e-4 (affinity.prompt_response_map)
+    prompt_map: str = "probabilities"
     affinity_radius: float = 5.0       # in embedding cells
     beta: float = 4.0
     walk_steps: int = 4
@@ -74,6 +77,7 @@ class WeakMedSAMSettings:
                   (self.lora_rank >= 1, "lora_rank >= 1"), (self.classifier_steps >= 1, "classifier_steps >= 1"),
                   (self.batch_size >= 1, "batch_size >= 1"), (self.lr > 0, "lr > 0"), (self.head_lr > 0, "head_lr > 0"),
                   (self.weight_decay >= 0, "weight_decay >= 0"), (self.points_per_side >= 1, "points_per_side >= 1"),
+                  (self.prompt_map in aff.PROMPT_MAPS, f"prompt_map one of {aff.PROMPT_MAPS}"),
                   (self.affinity_radius > 1, "affinity_radius > 1"), (self.beta > 0, "beta > 0"),
                   (self.walk_steps >= 0, "walk_steps >= 0"), (self.blur_sigma >= 0, "blur_sigma >= 0"),
                   (0 < self.threshold < 1, "0 < threshold < 1"), (self.gate in GATES, f"gate one of {GATES}")]
@@ -337,7 +341,7 @@ class WeakMedSAMRun:
         points = points[:, None, :].to(frozen.device)
         labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=frozen.device)
         low_res, _ = generalist._decode(frozen.expand(points.shape[0], -1, -1, -1), points, labels, None, None)
-        summed = low_res.sum(dim=0)  # (1, T/4, T/4)
+        summed = aff.prompt_response_map(low_res, s.prompt_map)  # (1, T/4, T/4)
         summed = F.adaptive_avg_pool2d(summed[None], cam.shape[-2:])[0]
         transition = aff.transition_matrix(aff.affinity_matrix(summed, s.affinity_radius), s.beta)
         walked = aff.random_walk(cam, transition, s.walk_steps)
