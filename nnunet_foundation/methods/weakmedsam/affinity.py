@@ -6,7 +6,6 @@ is dense (4096^2 floats, 64 MiB), which is cheaper on a CPU than sparse indexing
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
