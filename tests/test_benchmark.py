@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -352,6 +353,27 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
             assert aggregate["mean"] == pytest.approx(np.mean(per_case))
             assert aggregate["std_over_cases"] == pytest.approx(np.std(per_case, ddof=1))
             assert _cell_mean(table[trainer][i]) == pytest.approx(aggregate["mean"], abs=5e-4)
+    # every run here exports another model than it trains (an EMA): it is scored as its trained network too, from
+    # checkpoint_student.pth, whose weights are the student the final checkpoint keeps - not the exported ones
+    import torch
+
+    for run_id, r in runs.items():
+        assert sorted(c["case"] for c in r["student_evaluation"]["per_case"]) == sorted(results["test_cases"])
+        assert len(list((out / "predictions" / f"{run_id}__student").glob("*.nii.gz"))) == 2
+        folder = Path(r["training_folder"])
+        final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        student = torch.load(folder / "checkpoint_student.pth", map_location="cpu", weights_only=False)
+        kept = (final.get("ssl_state") or final.get("ema_state"))["student_weights"]
+        assert student["trainer_name"] == final["trainer_name"] and student["init_args"] == final["init_args"]
+        assert all(torch.equal(student["network_weights"][k], kept[k]) for k in kept)
+        assert any(not torch.equal(final["network_weights"][k], kept[k]) for k in kept)
+        assert f"{run_id}.predict_student.log" in os.listdir(out / "logs")
+    assert {(row["trainer"], row["labeled"]) for row in results["students"]} == \
+        {(BASELINE, "2"), (BASELINE, "all"), ("nnUNetTrainerMeanTeacher_smoke", "2")}
+    section = report.split("## Exported model and the trained network\n", 1)[1].split("\n## ", 1)[0]
+    row = next(row for row in results["students"] if row["trainer"] == "nnUNetTrainerMeanTeacher_smoke")
+    assert f"| nnUNetTrainerMeanTeacher_smoke | 2 | EMA teacher | {row['exported_dice']:.3f} | " \
+           f"{row['student_dice']:.3f} |" in section
     # gap closed = (ssl - lower) / (upper - lower) on the runs' means
     mean = {k: v["evaluation"]["foreground_mean"]["Dice"]["mean"] for k, v in runs.items()}
     for n in ("2",):

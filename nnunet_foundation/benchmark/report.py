@@ -94,6 +94,27 @@ def gaps(results: List[dict]) -> dict:
     return dict(out)
 
 
+def students(results: List[dict], exported: Dict[str, str]) -> List[dict]:
+    """Runs scored twice - the exported model and the trained network (``student_evaluation``, the benchmark's
+    ``checkpoint_student.pth`` prediction) - grouped by trainer, role and labeled count, mean Dice over test cases
+    pooled over seeds."""
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in results:
+        if r.get("student_evaluation"):
+            run = r["run"]
+            groups[(run["trainer"], run["role"], run["num_labeled"])].append(r)
+    rows = []
+    for (trainer, role, n), runs in sorted(groups.items(), key=lambda kv: (ROLE_ORDER[kv[0][1]], kv[0][0],
+                                                                         kv[0][2] or 10 ** 9)):
+        def pooled(key):
+            return mean_std(c["foreground_mean"]["Dice"] for r in runs for c in r[key]["per_case"])["mean"]
+
+        rows.append({"trainer": trainer, "role": role, "labeled": "all" if n is None else str(n),
+                     "exported_model": exported.get(trainer, "exported"), "seeds": [r["run"]["seed"] for r in runs],
+                     "exported_dice": pooled("evaluation"), "student_dice": pooled("student_evaluation")})
+    return rows
+
+
 def restrict_to_cases(results: List[dict], cases) -> List[dict]:
     """The results with only these test cases, their aggregates recomputed from the per-case numbers."""
     from nnunet_foundation.evaluation import summarise
@@ -151,7 +172,7 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
                      "upper_bound": s.trainer_class(s.baseline_trainer),
                      # what each trainer's network_weights hold: the model nnUNetv2_predict scored
                      "exported_model": {s.trainer_class(t): exported_model(t)
-                                        for t in (s.baseline_trainer, *s.trainers)}},
+                                        for t in (s.baseline_trainer, *s.trainers, *s.cached_trainers)}},
         "num_val": s.num_val,
         "test_cases": bench.test_cases,
         "folds": [{"fold": i.fold, "seed": i.seed, "num_labeled": i.num_labeled, **{k: f[k] for k in f}}
@@ -169,6 +190,8 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
         "command": command,
         "canonical_command": s.command(str(bench.output)),
         "runs": results,
+        "students": students(results, {s.trainer_class(t): exported_model(t)
+                                       for t in (s.baseline_trainer, *s.trainers, *s.cached_trainers)}),
         "missing_runs": [r.run_id for r in missing],
         "aggregates": aggregate(results),
         "gap_closed": gaps(results),
@@ -271,6 +294,16 @@ def render_markdown(data: dict, plots: List[str]) -> str:
               "case, negative = worse than labeled-only.", ""]
     lines += _gap_table(data["gap_closed"]) + [""]
     lines += _per_domain_sections(data, columns, upper_label)
+    if data.get("students"):
+        lines += ["## Exported model and the trained network", "",
+                  "Runs whose checkpoint exports another model than the network they train (an EMA teacher, an EMA "
+                  "of the weights) are scored with both: Dice, mean over test cases pooled over seeds.", "",
+                  "| trainer | labeled | exported model | Dice exported | Dice trained network | difference |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {row['trainer']}{' (all labels)' if row['role'] == UPPER else ''} | {row['labeled']} | "
+                  f"{row['exported_model']} | {row['exported_dice']:.3f} | {row['student_dice']:.3f} | "
+                  f"{row['exported_dice'] - row['student_dice']:+.3f} |" for row in data["students"]]
+        lines += [""]
 
     lines += ["## Per class (Dice, mean ± std over test cases)", ""]
     classes = next(iter(next(iter(aggregates.values())).values()))["per_class"] if aggregates else {}

@@ -9,6 +9,8 @@ in ``nnUNet_results``):
     OUTPUT/runs/<run_id>/run.json           the claim: this run's fold (and its digest) trains in <training folder>
     OUTPUT/runs/<run_id>/result.json        written last: evaluation, training curves, timings (= "finished")
     OUTPUT/predictions/<run_id>/            nnUNetv2_predict output for the test cases
+    OUTPUT/predictions/<run_id>__student/   the same with the trained network of a run that exports another
+                                            model (an EMA teacher; checkpoint_student.pth in its training folder)
     OUTPUT/logs/<run_id>.train.log, ...     full output of every command (.pseudo_label.log: a cached run's
                                             generalist pass, see --cached-trainers)
 
@@ -40,7 +42,7 @@ from typing import Dict, List, Optional, Tuple
 from nnunet_foundation.benchmark.settings import (GENERALIST, LOWER, SSL, UPPER, BenchmarkError, BenchmarkSettings,
                                                  Run)
 from nnunet_foundation.subprocesses import CommandFailed, nnunet_environment, run_logged
-from nnunet_foundation.training.checkpoint_files import was_interrupted
+from nnunet_foundation.training.checkpoint_files import STUDENT_CHECKPOINT, was_interrupted, write_student_checkpoint
 
 MARKER = ".nnunet_foundation_benchmark"
 # lines of nnU-Net's training output shown live (everything goes to the log file)
@@ -252,8 +254,8 @@ class Benchmark:
     def run_folder(self, run: Run) -> Path:
         return self.output / "runs" / run.run_id
 
-    def predictions_folder(self, run: Run) -> Path:
-        return self.output / "predictions" / run.run_id
+    def predictions_folder(self, run: Run, student: bool = False) -> Path:
+        return self.output / "predictions" / (run.run_id + ("__student" if student else ""))
 
     @property
     def test_images(self) -> Path:
@@ -436,12 +438,15 @@ class Benchmark:
         """What the run executes first: a training, or for a generalist row its prediction (it trains nothing)."""
         return self.predict_generalist_command(run) if run.role == GENERALIST else self.train_command(run)
 
-    def predict_command(self, run: Run) -> List[str]:
+    def predict_command(self, run: Run, student: bool = False) -> List[str]:
+        """nnUNetv2_predict of the test images with the run's final checkpoint, or with ``student`` the trained
+        network of a run that exports another model (checkpoint_files.write_student_checkpoint)."""
         n = str(self.settings.num_processes)
-        return ["nnUNetv2_predict", "-i", str(self.test_images), "-o", str(self.predictions_folder(run)),
+        return ["nnUNetv2_predict", "-i", str(self.test_images), "-o", str(self.predictions_folder(run, student)),
                 "-d", str(self.dataset_id), "-c", self.settings.configuration, "-p", self.settings.plans,
-                "-tr", run.trainer, "-f", str(run.fold), "-chk", "checkpoint_final.pth",
-                "-device", self.settings.device, "-npp", n, "-nps", n, "--disable_progress_bar"]
+                "-tr", run.trainer, "-f", str(run.fold), "-chk", STUDENT_CHECKPOINT if student else
+                "checkpoint_final.pth", "-device", self.settings.device, "-npp", n, "-nps", n,
+                "--disable_progress_bar"]
 
     def predict_generalist_command(self, run: Run) -> List[str]:
         """nnunet-foundation predict-generalist of the test images, prompted by the fold's labeled-only model."""
@@ -529,11 +534,18 @@ class Benchmark:
                                          f"checkpoint_final.pth; see {logs / (run.run_id + '.train.log')}")
             else:
                 print(f"{head}: trained earlier ({self.training_folder(run)}), predicting", flush=True)
+            student = None
             if run.role != GENERALIST:
                 shutil.rmtree(self.predictions_folder(run), ignore_errors=True)  # ours; a partial one is useless
                 timings["predict_wall_s"] = self._run_command(self.predict_command(run),
                                                               logs / f"{run.run_id}.predict.log")
-            result = self._evaluate(run, timings, machine)
+                # a run exporting its teacher (or an EMA) is scored as its student too: what the export buys
+                if write_student_checkpoint(str(self.training_folder(run) / "checkpoint_final.pth")):
+                    shutil.rmtree(self.predictions_folder(run, student=True), ignore_errors=True)
+                    timings["predict_student_wall_s"] = self._run_command(
+                        self.predict_command(run, student=True), logs / f"{run.run_id}.predict_student.log")
+                    student = self._evaluate_folder(run, self.predictions_folder(run, student=True))
+            result = self._evaluate(run, timings, machine, student)
             fg = result["evaluation"]["foreground_mean"]
             print(f"{head}: Dice {fg['Dice']['mean']:.3f}, HD95 {fg['HD95']['mean']:.2f} mm, NSD "
                   f"{fg['NSD']['mean']:.3f} on {len(self.test_cases)} test cases ({_minutes(time.time() - t_run)} "
@@ -541,15 +553,18 @@ class Benchmark:
             results.append(result)
         return results
 
-    def _evaluate(self, run: Run, timings: dict, machine: dict) -> dict:
+    def _evaluate_folder(self, run: Run, predictions: Path) -> dict:
         from nnunet_foundation.evaluation import EvaluationError, evaluate_folder, parse_tolerance
 
         try:
-            evaluation = evaluate_folder(str(self.test_labels), str(self.predictions_folder(run)), self.dataset_json,
-                                         tolerance=parse_tolerance(self.settings.tolerance),
-                                         num_processes=self.settings.num_processes)
+            return evaluate_folder(str(self.test_labels), str(predictions), self.dataset_json,
+                                   tolerance=parse_tolerance(self.settings.tolerance),
+                                   num_processes=self.settings.num_processes)
         except EvaluationError as e:
             raise BenchmarkError(f"{run.run_id}: {e}") from None
+
+    def _evaluate(self, run: Run, timings: dict, machine: dict, student: Optional[dict] = None) -> dict:
+        evaluation = self._evaluate_folder(run, self.predictions_folder(run))
         final = self.training_folder(run) / "checkpoint_final.pth"
         result = {"run": run.describe(), "split_digest": _digest(run.split),
                   "training_folder": str(self.training_folder(run)),
@@ -558,6 +573,8 @@ class Benchmark:
                   "training": {} if run.role == GENERALIST else training_log(final), "timings": timings,
                   "machine": machine,
                   "evaluation": evaluation}
+        if student is not None:  # the trained network of a run that exports another model (checkpoint_student.pth)
+            result["student_evaluation"] = student
         _write_json(result, self.run_folder(run) / "result.json")
         return result
 

@@ -18,12 +18,10 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_foundation.training.budgets import make_budget_variants
-from nnunet_foundation.training.checkpoint_files import read_checkpoint_for_resume, save_checkpoint_atomically
+from nnunet_foundation.training.checkpoint_files import (EMA_STATE_KEY, read_checkpoint_for_resume,
+                                                          save_checkpoint_atomically)
 from nnunet_foundation.training.networks import EMATeacher, load_state_dict_flexible, unwrap_network
 from nnunet_foundation.training.settings import SettingsError, resolve_settings
-
-#: checkpoint key of the EMA baseline's own state (beside nnU-Net's keys)
-EMA_STATE_KEY = "ema_state"
 
 
 class nnUNetTrainerEMA(nnUNetTrainer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -18,6 +18,14 @@ from nnunet_foundation.atomic_files import write_atomically
 
 #: the files nnU-Net's --c looks for, in the order it picks them (run/run_training.py: maybe_load_checkpoint)
 RESUME_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+#: where the semi-supervised trainers and the EMA baselines keep, beside the exported ``network_weights``, the state
+#: ``--c`` needs - including the trained network's own weights (``student_weights``) when another model is exported
+SSL_STATE_KEY = "ssl_state"
+EMA_STATE_KEY = "ema_state"
+#: the trained network of a run whose checkpoint exports another model, for ``nnUNetv2_predict -chk`` (never resumed)
+STUDENT_CHECKPOINT = "checkpoint_student.pth"
+#: what nnU-Net's predictor reads from a checkpoint (nnUNetPredictor.initialize_from_trained_model_folder)
+_PREDICTOR_KEYS = ("init_args", "trainer_name", "inference_allowed_mirroring_axes")
 
 
 def was_interrupted(training_folder: str) -> bool:
@@ -86,3 +94,27 @@ def read_checkpoint_for_resume(filename: str, map_location, allow_fallback: bool
     raise UnreadableCheckpointError(
         f"{damaged} {others[:1].upper() + others[1:]}Restore the file from a backup, or move it away and start the "
         f"run again without --c.")
+
+
+def student_weights(checkpoint: dict) -> Optional[dict]:
+    """The trained network's weights when ``network_weights`` holds another model (an EMA teacher, an EMA of the
+    weights), else None (the checkpoint exports the trained network itself, or is nnU-Net's own)."""
+    for key in (SSL_STATE_KEY, EMA_STATE_KEY):
+        state = checkpoint.get(key)
+        if isinstance(state, dict) and state.get("student_weights") is not None:
+            return state["student_weights"]
+    return None
+
+
+def write_student_checkpoint(final_checkpoint: str) -> Optional[str]:
+    """Beside ``final_checkpoint``, :data:`STUDENT_CHECKPOINT`: what nnU-Net's predictor needs, with the trained
+    network's weights as ``network_weights``, so that ``nnUNetv2_predict -chk checkpoint_student.pth`` scores the
+    student of a run that exports its teacher. Returns its path, or None when there is no separate student."""
+    checkpoint = read_checkpoint(final_checkpoint, "cpu")
+    weights = student_weights(checkpoint)
+    if weights is None:
+        return None
+    target = os.path.join(os.path.dirname(os.path.abspath(final_checkpoint)), STUDENT_CHECKPOINT)
+    save_checkpoint_atomically({"network_weights": weights, **{k: checkpoint[k] for k in _PREDICTOR_KEYS
+                                                               if k in checkpoint}}, target)
+    return target
