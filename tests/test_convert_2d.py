@@ -91,6 +91,13 @@ def test_conversion_is_what_nnunet_reads_as_rgb_with_0_1_labels(converted):
     plans = json.loads((Path(converted["env"]["nnUNet_preprocessed"]) / DATASET_NAME / "nnUNetPlans.json").read_text())
     assert "2d" in plans["configurations"]
     assert len(plans["foreground_intensity_properties_per_channel"]) == 3
+    # so pseudo-label, predict-generalist and SemiSAM show it to the generalist in colour, not as its red channel;
+    # a dataset of other channels keeps the channel index
+    from nnunet_foundation.foundation.config import colour_defaults
+
+    assert colour_defaults(dataset) == {"image_channel": "rgb"}
+    assert colour_defaults({"channel_names": {"0": "T2", "1": "ADC", "2": "B"}}) == {}
+    assert colour_defaults({"channel_names": {"0": "MRI"}}) == {}
     side = json.loads((raw / "domains.json").read_text())
     assert side["domain"]["cvc_9"] == "cvc" and side["group"]["cvc_9"] == "seqC" and side["group"]["kvasir_k0x"] is None
     k1 = side["cases"]["kvasir_k1x"]

@@ -93,6 +93,28 @@ def test_2d_patch_box_prompt_segments_the_object_and_swapped_box_does_not(liteme
     assert float(right.confidence[0, 1].max()) > 0.5
 
 
+def test_a_colour_image_is_seen_in_colour_with_image_channel_rgb(litemedsam):
+    """An object that differs from its background in hue only (the same red channel, nnU-Net's per-channel z-scored
+    values of a natural RGB image): fed as channel 0 the object is invisible, fed as colour LiteMedSAM finds it."""
+    truth = ellipse()
+    rng = np.random.default_rng(0)
+    colours = np.where(truth[None], np.array([0.5, 1.5, -1.0])[:, None, None], np.array([0.5, -1.0, 1.0])[:, None, None])
+    x = torch.tensor(colours + rng.normal(0.0, 0.05, (3, *truth.shape)), dtype=torch.float32)[None]
+    prompts = PromptSet([box_prompt(box_of(truth))])
+    colour = build_generalist({"backend": "litemedsam", "background": "renormalize", "image_channel": "rgb"})
+    seen = dice(foreground(colour(x, background_probs(truth.shape), prompts))[0], truth)
+    grey = dice(foreground(litemedsam(x, background_probs(truth.shape), prompts))[0], truth)
+    assert seen >= 0.85 and seen > grey + 0.15, (seen, grey)
+    # 'rgb' needs three channels; a single-channel step refuses it by name instead of reading it as an index
+    from nnunet_foundation.foundation.config import GeneralistConfigError, single_image_channel
+
+    with pytest.raises(ValueError, match="3 colour channels"):
+        colour(x[:, :1], background_probs(truth.shape), prompts)
+    with pytest.raises(GeneralistConfigError, match="SC-SAM feeds the generalist one image channel"):
+        single_image_channel(colour.config, "SC-SAM")
+    assert single_image_channel({"image_channel": 2}, "SC-SAM") == 2
+
+
 def test_box_on_empty_background_returns_almost_nothing(litemedsam):
     truth = ellipse()
     x = image_with(truth)[None, None]

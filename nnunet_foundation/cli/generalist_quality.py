@@ -146,6 +146,7 @@ def _localisers(generalist, config: dict, modes, folder: str, head_cases, num_cl
         return {}
     from nnunet_foundation.foundation.localiser import (LocaliserPrompted, fine_tune_localiser, labeled_slices,
                                                         localiser_prompting_model)
+    from nnunet_foundation.foundation.config import single_image_channel
     from nnunet_foundation.foundation.quality import load_preprocessed_cases
 
     print(f"== fine-tuning a localiser on {len(head_cases)} labeled case(s), {steps} steps")
@@ -153,6 +154,7 @@ def _localisers(generalist, config: dict, modes, folder: str, head_cases, num_cl
 
     # the generalist's own slicing: the configured axis, else the lowest-resolution one
     axis = config["axis"] if config.get("axis") is not None else choose_slice_axis(config.get("spacing"))
-    slices = labeled_slices(load_preprocessed_cases(folder, head_cases), axis, config.get("image_channel", 0))
+    slices = labeled_slices(load_preprocessed_cases(folder, head_cases), axis,
+                            single_image_channel(config, "generalist-quality's localiser"))
     predict = localiser_prompting_model(fine_tune_localiser(config, slices, num_classes, steps=steps, device=device))
     return {m: LocaliserPrompted(generalist, predict, alone=m == "localiser-alone") for m in wanted}

@@ -88,7 +88,7 @@ def _run(args) -> int:
     from nnunet_foundation.foundation.checkpoints import CheckpointError
     from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
                                                      describe_generalist, generalists_by_content,
-                                                     generalists_for_configuration)
+                                                     generalists_for_configuration, single_image_channel)
     from nnunet_foundation.methods.ifl import rounds as ifl
     from nnunet_foundation.methods.ifl.keyframes import KeySliceSettings
     from nnunet_foundation.methods.ifl.propagation import PropagationSettings
@@ -211,7 +211,8 @@ def _run(args) -> int:
             specialist = load_specialist(dataset, prompting, args.p, args.c, [str(args.f)], "checkpoint_final.pth",
                                          device)
             ifl.run_round_cases(work, cache, r, mine, lambda case: np.asarray(images.load_case(case)[0][:]),
-                                specialist, generalist, generalist.slice_axis(), generalist.config.image_channel,
+                                specialist, generalist, generalist.slice_axis(),
+                                single_image_channel(generalist.config, "ifl"),
                                 settings,
                                 progress=lambda m: print(m, flush=True))
         if args.num_parts > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nnunet_foundation.cli.arguments import add_dataset_and_generalist_arguments, add_prompting_model_arguments
@@ -32,13 +33,17 @@ def run(args) -> int:
 
     from nnunet_foundation.cli.arguments import load_configuration
     from nnunet_foundation.foundation.checkpoints import CheckpointError
-    from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, describe_generalist,
-                                                     generalists_for_configuration)
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, colour_defaults,
+                                                     describe_generalist, generalists_for_configuration)
     from nnunet_foundation.generalist_prediction import predict_with_generalist
 
     try:
-        dataset, _, _, configuration = load_configuration(args.d, args.p, args.c)
-        configs = generalists_for_configuration(args.generalists, "predict-generalist", configuration)
+        dataset, base, _, configuration = load_configuration(args.d, args.p, args.c)
+        # a natural RGB image is shown to the generalist in colour unless the setting names a channel
+        configs = generalists_for_configuration(args.generalists, "predict-generalist", configuration,
+                                                **colour_defaults(load_json(os.path.join(base, "dataset.json"))))
         if len(configs) != 1:
             raise GeneralistConfigError("predict-generalist segments with one generalist: give one configuration")
         print(f"predict-generalist: {describe_generalist(configs[0])} prompted by {args.tr} (folds "

@@ -150,7 +150,9 @@ def run(args) -> int:
     is_2d = len(cm.patch_size) == 2
     axis = ft.slice_axis(config, is_2d)
     tile_hw = ft.in_plane(cm.patch_size, axis, is_2d)
-    channel = config["image_channel"]
+    from nnunet_foundation.foundation.config import single_image_channel
+
+    channel = single_image_channel(config, "nnunet-foundation sfr")
     print(f"SFR: {dataset} {args.c}, fold {args.f}: {len(labeled)} labeled and {len(unlabeled)} unlabeled case(s); "
           f"generalist {describe_generalist(config)}; {iterations} iteration(s) per round at batch "
           f"{args.batch_size}{' (SFR+: two rounds)' if args.plus else ''} -> {folder}", flush=True)

@@ -57,6 +57,10 @@ class MissingBackendError(ImportError):
     """The Python package of a configured backend (segment_anything, sam2) is not installed."""
 
 
+#: ``image_channel`` value for a natural image's colour channels 0-2
+RGB = "rgb"
+
+
 class GeneralistConfigError(ValueError):
     """A generalist configuration is invalid (unknown key, bad value, inconsistent options)."""
 
@@ -81,7 +85,10 @@ class GeneralistConfig:
         axis: spatial axis of 3D patches to slice along (0 = D, 1 = H, 2 = W); ``None`` = the lowest-resolution
             axis of ``spacing`` if given, else 0.
         spacing: voxel spacing of the patches (D, H, W), used only to choose the axis.
-        image_channel: which input channel (modality) feeds the generalist.
+        image_channel: which input channel (modality) feeds the generalist, or ``"rgb"``: channels 0-2 are the
+            colours of a natural image (nnU-Net's PNG reader) and feed the encoder as colour. A colour image fed as
+            one channel loses what the encoder was trained on: LiteMedSAM with the label's box on 30 Kvasir-SEG
+            images at 128 px scored Dice 0.936 in colour, 0.844 on the red channel alone.
         stitch: tile several slices into one model input (SFR-style) to cut encoder calls.
         stitch_grid: tiles per side when stitching; ``None`` = as many as fit without downscaling (at most 4).
         encoder_batch_size: images per image-encoder call.
@@ -114,7 +121,7 @@ class GeneralistConfig:
     allow_random_init: bool = False
     axis: Optional[int] = None
     spacing: Optional[Tuple[float, ...]] = None
-    image_channel: int = 0
+    image_channel: Union[int, str] = 0
     num_points: int = 1
     num_negative_points: int = 0
     use_box: bool = True
@@ -154,8 +161,9 @@ class GeneralistConfig:
             raise GeneralistConfigError(f"axis must be 0 (D), 1 (H), 2 (W) or null, got {self.axis!r}")
         if self.spacing is not None:
             self.spacing = tuple(float(s) for s in self.spacing)
-        if self.image_channel < 0:
-            raise GeneralistConfigError(f"image_channel must be >= 0, got {self.image_channel}")
+        if self.image_channel != RGB and not (isinstance(self.image_channel, int) and self.image_channel >= 0):
+            raise GeneralistConfigError(f"image_channel must be a channel index >= 0 or {RGB!r} (channels 0-2 of a "
+                                        f"natural image as colour), got {self.image_channel!r}")
         if self.precision not in PRECISIONS:
             raise GeneralistConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.min_prompt_score <= 1.0:
@@ -213,6 +221,26 @@ class GeneralistConfig:
         spec = _BACKENDS.get(values.get("backend", cls.backend))
         backend_defaults = spec.prompt_defaults if spec is not None else {}
         return cls(**{**backend_defaults, **dict(values)})
+
+
+def colour_defaults(dataset_json: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{"image_channel": "rgb"}`` for a natural-image dataset whose channels 0-2 are R, G, B (nnU-Net's PNG reader,
+    ``convert-2d``), else ``{}``: the default of the steps that prompt the generalist with whole images
+    (``pseudo-label``, ``predict-generalist``); an ``image_channel`` in the generalist setting wins."""
+    names = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
+    ordered = [str(names[k]).strip().upper() for k in sorted(names, key=lambda k: int(k))]
+    return {"image_channel": RGB} if ordered[:3] == ["R", "G", "B"] else {}
+
+
+def single_image_channel(config, what: str) -> int:
+    """The ``image_channel`` of a generalist config (object or dict) for a step that feeds the generalist one image
+    channel; ``"rgb"`` is refused there with the step's name, not mistaken for an index."""
+    channel = config.image_channel if isinstance(config, GeneralistConfig) else (config or {}).get("image_channel")
+    if channel == RGB:
+        raise GeneralistConfigError(f"{what} feeds the generalist one image channel: give image_channel as a channel "
+                                    f"index (e.g. 0). 'rgb' is supported where the generalist segments the "
+                                    f"specialist's prompts (SemiSAM, self-training, pseudo-label, predict-generalist)")
+    return 0 if channel is None else int(channel)
 
 
 def _decode_setting(value):

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from nnunet_foundation.foundation.config import GeneralistConfig
+from nnunet_foundation.foundation.config import RGB, GeneralistConfig
 from nnunet_foundation.foundation.geometry import choose_slice_axis, patch_to_slices, slices_to_patch
 from nnunet_foundation.foundation.prompts import PromptSet, SlicePrompt, generate_prompts
 
@@ -112,7 +112,7 @@ def _index_amax(maps: torch.Tensor, flat_index: torch.Tensor, values: torch.Tens
         return maps.reshape(-1, *maps.shape[-2:]).index_reduce(0, flat_index, values, "amax").view_as(maps)
 
 
-def check_inputs(images: torch.Tensor, specialist_probs: torch.Tensor, image_channel: int) -> None:
+def check_inputs(images: torch.Tensor, specialist_probs: torch.Tensor, image_channel) -> None:
     """The shapes every generalist's ``forward`` accepts; errors say which."""
     if images.ndim not in (4, 5) or specialist_probs.ndim != images.ndim:
         raise ValueError(f"expected images (B, C, [D,] H, W) and specialist probabilities of the same rank, got "
@@ -120,7 +120,11 @@ def check_inputs(images: torch.Tensor, specialist_probs: torch.Tensor, image_cha
     if images.shape[0] != specialist_probs.shape[0] or images.shape[2:] != specialist_probs.shape[2:]:
         raise ValueError(f"images {tuple(images.shape)} and specialist probabilities "
                          f"{tuple(specialist_probs.shape)} differ in batch or spatial size")
-    if not 0 <= image_channel < images.shape[1]:
+    if image_channel == RGB:
+        if images.shape[1] < 3:
+            raise ValueError(f"image_channel 'rgb' needs the 3 colour channels of a natural image, the input has "
+                             f"{images.shape[1]}: give a channel index instead")
+    elif not 0 <= image_channel < images.shape[1]:
         raise ValueError(f"image_channel {image_channel} is not one of the {images.shape[1]} input channels")
 
 
@@ -193,7 +197,8 @@ class SliceGeneralist(Generalist):
         """Mask logits for each prompt.
 
         Args:
-            slices: ``(N, h, w)`` nnU-Net intensities of the slices that have at least one prompt.
+            slices: ``(N, h, w)`` nnU-Net intensities of the slices that have at least one prompt, or ``(N, 3, h, w)``
+                colour slices with ``image_channel: "rgb"``.
             prompts: ``P`` prompts in slice pixel coordinates.
             image_index: for each prompt, the index into ``slices`` of its slice.
 
@@ -228,8 +233,9 @@ class SliceGeneralist(Generalist):
         device = self.device
         _synchronize(device)
         t0 = time.perf_counter()
-        # (B, 1, S, h, w) image slices of the chosen channel, (B, K, S, h, w) specialist slices
-        image_slices = images[:, self.config.image_channel:self.config.image_channel + 1]
+        # (B, C, S, h, w) image slices of the chosen channel (C = 1) or colours (C = 3), (B, K, S, h, w) specialist
+        channel = self.config.image_channel
+        image_slices = images[:, :3] if channel == RGB else images[:, channel:channel + 1]
         image_slices = image_slices.unsqueeze(2) if is_2d else patch_to_slices(image_slices, axis)
         prob_slices = specialist_probs.unsqueeze(2) if is_2d else patch_to_slices(specialist_probs, axis)
         b_count, k_count, s_count, h, w = prob_slices.shape
@@ -249,7 +255,8 @@ class SliceGeneralist(Generalist):
             for p in prompt_list:
                 keys.setdefault((p.batch_index, p.slice_index), len(keys))
             index = torch.tensor(list(keys), dtype=torch.long)
-            slices = image_slices[index[:, 0], 0, index[:, 1]].to(device)
+            slices = image_slices[index[:, 0], :, index[:, 1]]  # (N, C, h, w)
+            slices = (slices if channel == RGB else slices[:, 0]).to(device)
             image_index = [keys[(p.batch_index, p.slice_index)] for p in prompt_list]
             # per encoded slice: (caller's key, axis, slice) when the caller named its items, else None
             self._slice_cache_keys = None if cache_keys is None else \

@@ -58,15 +58,22 @@ def slices_to_patch(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- intensities
 def min_max_scale(slices: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Scale each 2D slice of ``(N, h, w)`` to ``[0, 1]`` by its own min and max (constant slices become 0).
+    """Scale each 2D slice of ``(N, h, w)`` (or colour slice ``(N, 3, h, w)``, its channels together, so colours
+    keep their balance) to ``[0, 1]`` by its own min and max (constant slices become 0).
 
     nnU-Net's z-scored or CT-clipped intensities have no fixed range; per-slice min-max is what MedSAM and the SAM
     medical adaptations use to reach the 8-bit-like range the encoders were trained on.
     """
     flat = slices.flatten(1).float()
-    low = flat.min(1).values.view(-1, 1, 1)
-    high = flat.max(1).values.view(-1, 1, 1)
+    shape = (-1,) + (1,) * (slices.ndim - 1)
+    low = flat.min(1).values.view(shape)
+    high = flat.max(1).values.view(shape)
     return (slices.float() - low) / (high - low).clamp_min(eps)
+
+
+def as_three_channels(scaled: torch.Tensor) -> torch.Tensor:
+    """``(N, h, w)`` grey -> ``(N, 3, h, w)`` replicated; ``(N, 3, h, w)`` colour (``image_channel: "rgb"``) as is."""
+    return scaled if scaled.ndim == 4 else scaled.unsqueeze(1).expand(-1, 3, -1, -1)
 
 
 def to_sam_intensities(slices: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> torch.Tensor:
@@ -74,18 +81,18 @@ def to_sam_intensities(slices: torch.Tensor, pixel_mean: torch.Tensor, pixel_std
 
     Per-slice min-max to ``[0, 255]``, grey replicated to three channels, then ``(x - pixel_mean) / pixel_std``.
     """
-    rgb = (min_max_scale(slices) * 255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+    rgb = as_three_channels(min_max_scale(slices) * 255.0)
     return (rgb - pixel_mean.view(1, 3, 1, 1).to(rgb)) / pixel_std.view(1, 3, 1, 1).to(rgb)
 
 
 def to_medsam_intensities(slices: torch.Tensor) -> torch.Tensor:
     """``(N, h, w)`` -> ``(N, 3, h, w)`` in ``[0, 1]``: MedSAM feeds min-max scaled images without mean/std."""
-    return min_max_scale(slices).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return as_three_channels(min_max_scale(slices)).contiguous()
 
 
 def to_sam2_intensities(slices: torch.Tensor) -> torch.Tensor:
     """``(N, h, w)`` -> ``(N, 3, h, w)``: ``[0, 1]`` then ImageNet mean/std, as SAM2's ``SAM2Transforms`` does."""
-    rgb = min_max_scale(slices).unsqueeze(1).expand(-1, 3, -1, -1)
+    rgb = as_three_channels(min_max_scale(slices))
     mean = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=rgb.device).view(1, 3, 1, 1)
     return (rgb - mean) / std

@@ -44,14 +44,15 @@ def fine_tune_localiser(config: dict, slices: List[Tuple[torch.Tensor, torch.Ten
                         device: torch.device = torch.device("cpu"), progress: Callable[[str], None] = print):
     """A copy of the generalist ``config`` with LoRA (rank ``lora_rank``), trainable decoder and a prompt-free
     ``num_classes`` head, trained for ``steps`` AdamW steps on ``slices``; returned in eval mode."""
-    from nnunet_foundation.foundation.config import build_generalist
+    from nnunet_foundation.foundation.config import build_generalist, single_image_channel
     from nnunet_foundation.training.losses import ce_dice
 
     # trained on single-channel slices: the configured image channel is picked from the data at prediction
+    source_channel = single_image_channel(config, "the localiser")
     generalist = build_generalist({**config, "image_channel": 0, "lora_rank": lora_rank,
                                    "lora_alpha": float(lora_rank), "train_decoder": True, "multiclass_head": True,
                                    "num_classes": num_classes}).to(device)
-    generalist.source_channel = int(config.get("image_channel", 0))
+    generalist.source_channel = source_channel
     parameters = generalist.trainable_parameters()
     optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(seed)

@@ -265,7 +265,9 @@ class MultiClassMaskHead(nn.Module):
 
         if images.ndim not in (4, 5):
             raise ValueError(f"expected images (B, C, [D,] H, W), got shape {tuple(images.shape)}")
-        channel = generalist.config.image_channel
+        from nnunet_foundation.foundation.config import single_image_channel
+
+        channel = single_image_channel(generalist.config, "the multi-class head (SFR, SynFoC)")
         x = images[:, channel:channel + 1]
         is_2d = images.ndim == 4
         axis = 0 if is_2d else generalist.slice_axis()

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from nnunet_foundation.foundation.checkpoints import load_into, read_state_dict
-from nnunet_foundation.foundation.config import GeneralistConfig, GeneralistConfigError
+from nnunet_foundation.foundation.config import GeneralistConfig, GeneralistConfigError, single_image_channel
 from nnunet_foundation.foundation.generalist import (Generalist, GeneralistOutput, SliceGeneralist, _synchronize,
                                                      assemble_output, check_inputs)
 from nnunet_foundation.foundation.geometry import (ResizeGeometry, choose_slice_axis, compute_resize_geometry,
@@ -421,7 +421,7 @@ class SAM2VideoGeneralist(Generalist):
         device = self.device
         _synchronize(device)
         t0 = time.perf_counter()
-        channel = self.config.image_channel
+        channel = single_image_channel(self.config, "SAM2's video propagation")
         image_slices = images[:, channel:channel + 1]
         image_slices = image_slices.unsqueeze(2) if is_2d else patch_to_slices(image_slices, axis)
         prob_slices = specialist_probs.unsqueeze(2) if is_2d else patch_to_slices(specialist_probs, axis)

@@ -120,6 +120,10 @@ class SAMGuidance:
                                point_selection="uncertainty")}[self.ssl_settings["prompt_mode"]]
         # pseudo-labels for a softmax network: the K maps must sum to one
         implied["background"] = "renormalize"
+        # a natural RGB image is shown to the generalist in colour (LiteMedSAM's encoder was trained on colour)
+        from nnunet_foundation.foundation.config import colour_defaults
+
+        implied.update(colour_defaults(self.dataset_json))
         return implied
 
     def offline_pseudo_labels(self, unlabeled_cases):

@@ -137,7 +137,9 @@ def prompted_patch_logits(generalist, images: torch.Tensor, class_map: torch.Ten
     patch itself), input channel ``config.image_channel``."""
     from nnunet_foundation.foundation.geometry import patch_to_slices, slices_to_patch
 
-    channel = generalist.config.image_channel
+    from nnunet_foundation.foundation.config import single_image_channel
+
+    channel = single_image_channel(generalist.config, "SC-SAM")
     x, labels = images[:, channel:channel + 1], class_map[:, None].float()
     is_2d = images.ndim == 4
     axis = 0 if is_2d else generalist.slice_axis()

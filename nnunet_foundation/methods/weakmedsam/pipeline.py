@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_foundation.atomic_files import write_json_atomically
+from nnunet_foundation.foundation.config import single_image_channel
 from nnunet_foundation.methods.weakmedsam import affinity as aff
 from nnunet_foundation.methods.weakmedsam.subclasses import explore_subclasses, subclass_targets
 from nnunet_foundation.methods.weakmedsam.weak_labels import (SIDE_FILE, WeakLabelError, case_files,
@@ -222,7 +223,7 @@ class WeakMedSAMRun:
     def compute_features(self) -> Dict[str, np.ndarray]:
         """Pooled frozen-encoder embedding of every slice of every weak case (k-means, and the 'heads' training)."""
         out = {}
-        channel = int(self.generalist_config.get("image_channel", 0))
+        channel = single_image_channel(self.generalist_config, "weak-labels")
         for n, case in enumerate(self.source.weak):
             path = self.feature_file(case)
             if not os.path.isfile(path):
@@ -280,7 +281,7 @@ class WeakMedSAMRun:
         pooled = torch.from_numpy(np.concatenate([features[c] for c in self.source.weak]))
         slices = None
         if s.trainable == "lora":  # images in memory: every step encodes its batch through the adapted encoder
-            channel = int(self.generalist_config.get("image_channel", 0))
+            channel = single_image_channel(self.generalist_config, "weak-labels")
             per_case = {c: self.source.slices(c, channel)[0] for c in self.source.weak}
             slices = [torch.from_numpy(per_case[c][i]) for c, i in index]
         params = model.trainable_parameters()
@@ -357,7 +358,7 @@ class WeakMedSAMRun:
         return os.path.join(self.out, "labelsTr", case + self.source.ending)
 
     def pseudo_label_case(self, case: str) -> dict:
-        channel = int(self.generalist_config.get("image_channel", 0))
+        channel = single_image_channel(self.generalist_config, "weak-labels")
         slices, properties, shape = self.source.slices(case, channel)
         masks, correct = [], 0
         for i, s in enumerate(torch.from_numpy(slices)):
