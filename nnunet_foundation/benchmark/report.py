@@ -443,7 +443,9 @@ def _number(x, missing: float = 0.0) -> float:
 def _trainer_colors(plt, data: dict) -> Dict[str, str]:
     """One colour per trainer, the same in every plot (bounds first)."""
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    trainers = [data["trainers"]["lower_bound"]] + [t for t in data["trainers"]["semi_supervised"]]
+    # every row of the report, cached trainers and the generalist row included (not one grey for all of them)
+    trainers = [data["trainers"]["lower_bound"]] + [t for t in data["trainers"]["semi_supervised"]] + \
+        _rows_in_order(data.get("aggregates", {}))
     return {t: cycle[i % len(cycle)] for i, t in enumerate(dict.fromkeys(trainers))}
 
 
@@ -480,10 +482,12 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
         ax.set_ylabel(f"{metric}{' (mm)' if metric == 'HD95' else ''}, test set")
         ax.set_title(f"{metric}: mean ± std over {'seeds' if several_seeds else 'test cases'}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{data['dataset']} {data['configuration']}, budget '{data['budget']['name']}'", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # below the plots: the row labels are long and would hide points inside the axes
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
