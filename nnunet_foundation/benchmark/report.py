@@ -154,6 +154,8 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
     domains = getattr(bench, "case_domains", None)
     test_domains = {c: domains.domain[c] for c in bench.test_cases} if domains else None
     test_groups = {c: domains.group[c] for c in bench.test_cases} if domains else {}
+    # what each trainer's network_weights hold: the model nnUNetv2_predict scored
+    exported = {s.trainer_class(t): exported_model(t) for t in (s.baseline_trainer, *s.trainers, *s.cached_trainers)}
     machines = []
     for r in results:
         if r.get("machine") and r["machine"] not in machines:
@@ -170,9 +172,7 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
         "trainers": {"lower_bound": s.trainer_class(s.baseline_trainer),
                      "semi_supervised": [s.trainer_class(t) for t in s.trainers],
                      "upper_bound": s.trainer_class(s.baseline_trainer),
-                     # what each trainer's network_weights hold: the model nnUNetv2_predict scored
-                     "exported_model": {s.trainer_class(t): exported_model(t)
-                                        for t in (s.baseline_trainer, *s.trainers, *s.cached_trainers)}},
+                     "exported_model": exported},
         "num_val": s.num_val,
         "test_cases": bench.test_cases,
         "folds": [{"fold": i.fold, "seed": i.seed, "num_labeled": i.num_labeled, **{k: f[k] for k in f}}
@@ -190,8 +190,7 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
         "command": command,
         "canonical_command": s.command(str(bench.output)),
         "runs": results,
-        "students": students(results, {s.trainer_class(t): exported_model(t)
-                                       for t in (s.baseline_trainer, *s.trainers, *s.cached_trainers)}),
+        "students": students(results, exported),
         "missing_runs": [r.run_id for r in missing],
         "aggregates": aggregate(results),
         "gap_closed": gaps(results),

@@ -37,8 +37,8 @@ def prompt_response_map(point_logits: torch.Tensor, kind: str = "probabilities")
     sigmoid probabilities (``"probabilities"``) or of their raw logits (``"logits"``, the released code).
 
     Why probabilities by default: a box-trained model (LiteMedSAM) answers single points with logits of -15 to -25
-    almost everywhere, so the sum of 16 logit maps differs by tens between neighbouring cells wherever no mask
-    responds - affinities ~1e-4, a walk that stays where it starts. Probabilities are ~0 there (affinity ~1) and
+    almost everywhere, so the sum of 16 logit maps differs by several logits between neighbouring cells wherever no
+    mask responds - affinities ~1e-4 at the median, a walk that stays where it starts. Probabilities are ~0 there (affinity ~1) and
     change only where a prompt's mask has an edge; measured on Kvasir-SEG in docs/benchmarks/weakmedsam_affinity."""
     if kind == "probabilities":
         return torch.sigmoid(point_logits.float()).sum(0)
