@@ -112,6 +112,42 @@ def test_slices_without_prompts_are_not_taught_as_background(semisam):
     assert 0.0 < logs2["generalist_coverage"] <= 1.0 and float(logs2["sam_loss"]) > 0
 
 
+def test_semisam_on_mixed_domain_adds_the_generalist_term_to_the_copy_paste(trainer_factory, checkpoints,
+                                                                            monkeypatch):
+    """nnUNetTrainerSemiSAMMixedDomain: the mixed-domain loss (copy-paste + cluster MMD) plus the SAM term on the
+    clean unlabeled crop, prompted by the teacher pass the copy-paste already made; the generalist stays frozen."""
+    preprocess_unlabeled_cli(trainer_factory.env, ("2d",))
+    monkeypatch.setenv("nnUNet_ssl_generalists", sam_setting(checkpoints))
+    t = trainer_factory("nnUNetTrainerSemiSAMMixedDomain_smoke", configuration="2d")
+    t.on_train_start()
+    labeled, unlabeled = batches(t)
+    frozen = {k: v.clone() for k, v in t.generalist.state_dict().items()}
+    t.sam_weight = lambda: 2.0
+    teacher_passes = []
+    teacher_predict = t.teacher_predict
+    t.teacher_predict = lambda x: teacher_passes.append(x.shape) or teacher_predict(x)
+    parts = t.compute_losses(labeled, unlabeled)
+    logs = parts.logs
+    assert len(teacher_passes) == 1, "the SAM prompts reuse the copy-paste's teacher pass"
+    assert float(logs["sam_loss"]) > 0 and float(logs["copy_paste_loss"]) > 0 and float(logs["cmmd_loss"]) > 0
+    assert logs["sam_weight"] == 2.0 and 0.0 < logs["generalist_coverage"] <= 1.0
+    assert parts.unsupervised.item() == pytest.approx(
+        float(logs["copy_paste_loss"]) + 0.1 * float(logs["cmmd_loss"]) + 2.0 * float(logs["sam_loss"]), rel=1e-5)
+    # the SAM term alone reaches the student
+    params = [p for p in t.network.parameters() if p.requires_grad]
+    _, out_u = t.forward_labeled_and_unlabeled(labeled["data"], unlabeled["data"])
+    term, _ = t.sam_guidance_term(out_u, unlabeled)
+    grads = torch.autograd.grad(term, params, allow_unused=True)
+    assert term.item() > 0 and sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    t.optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    t.optimizer.step()
+    t.after_optimizer_step()
+    for k, v in t.generalist.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    t.dataloader_unlabeled = None
+
+
 def test_weights_follow_their_schedules(semisam):
     assert sam_schedule(0.0, 0.1, 5.0) == pytest.approx(0.1)
     assert sam_schedule(1.0, 0.1, 5.0) == pytest.approx(0.1 * math.exp(-5))

@@ -1,3 +1,3 @@
-# Re-exports only: nnUNetTrainerSemiSAM, nnUNetTrainerSemiSAMUAMT and their budget variants
+# Re-exports only: nnUNetTrainerSemiSAM, nnUNetTrainerSemiSAMUAMT, nnUNetTrainerSemiSAMMixedDomain and their budget variants
 # (see nnunet_foundation/methods/semisam.py).
 from nnunet_foundation.methods.semisam import *  # noqa: F401,F403

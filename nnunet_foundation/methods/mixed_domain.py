@@ -135,7 +135,7 @@ class nnUNetTrainerMixedDomain(nnUNetTrainerMeanTeacher):
             known = y_l != self.label_manager.ignore_label
             y_l = torch.where(known, y_l, 0)
         with captured_encoder_output(self.network) as captured:
-            out_l, _ = self.forward_labeled_and_unlabeled(x_l, x_u)
+            out_l, out_u = self.forward_labeled_and_unlabeled(x_l, x_u)
         bottleneck = captured["features"][-1]
         n_l = x_l.shape[0]
         cmmd = cluster_mmd(feature_vectors(bottleneck[n_l:], s["mmd_samples"]),
@@ -156,9 +156,16 @@ class nnUNetTrainerMixedDomain(nnUNetTrainerMeanTeacher):
             s["pseudo_region_weight"] * over_scales(ce_dice, scales, out_mix, targets, pseudo_region)
         unsupervised = copy_paste + s["mmd_weight"] * cmmd
         weight = self.unsup_weight()
-        return LossParts(self.supervised_loss(out_l, labeled["target"]), weight * unsupervised, {
+        clean_term, clean_logs = self.clean_unlabeled_terms(out_u, unlabeled)
+        return LossParts(self.supervised_loss(out_l, labeled["target"]), weight * unsupervised + clean_term, {
             "unsup_loss": unsupervised.detach(), "unsup_weight": weight, "copy_paste_loss": copy_paste.detach(),
-            "cmmd_loss": cmmd.detach(), "teacher_confidence": confidence.mean()})
+            "cmmd_loss": cmmd.detach(), "teacher_confidence": confidence.mean(), **clean_logs})
+
+    def clean_unlabeled_terms(self, student_out_u, unlabeled):
+        """Weighted terms on the student's output for the clean (unmixed) unlabeled crop, after the teacher's pass,
+        and their log values: none here, since the copy-paste replaces Mean Teacher's consistency; SemiSAM's generalist
+        term in nnUNetTrainerSemiSAMMixedDomain."""
+        return student_out_u[0].sum() * 0.0, {}
 
 
 __all__ = ["nnUNetTrainerMixedDomain", *make_budget_variants(nnUNetTrainerMixedDomain, globals())]

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_foundation.methods.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_foundation.methods.mixed_domain import nnUNetTrainerMixedDomain
 from nnunet_foundation.methods.ua_mt import nnUNetTrainerUAMT
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import over_scales, soft_cross_entropy, softmax_mse
@@ -53,8 +54,8 @@ def sam_schedule(progress: float, weight: float, decay: float) -> float:
 
 
 class SAMGuidance:
-    """The SemiSAM term as a mixin over a Mean-Teacher-style trainer (anything with ``unsupervised_loss`` and an EMA
-    teacher): ``class X(SAMGuidance, nnUNetTrainerMeanTeacher)``."""
+    """The SemiSAM term as a mixin over a Mean-Teacher-style trainer (an EMA teacher, and ``unsupervised_loss`` or
+    another place that calls :meth:`sam_guidance_term`): ``class X(SAMGuidance, nnUNetTrainerMeanTeacher)``."""
 
     sam_default_settings = {
         # dict, list of dicts, JSON text or the path of a JSON file (GeneralistConfig keys)
@@ -187,19 +188,28 @@ class SAMGuidance:
     def unsupervised_loss(self, student_out_u, unlabeled):
         self._teacher_probs = None
         loss, logs = super().unsupervised_loss(student_out_u, unlabeled)
+        term, sam_logs = self.sam_guidance_term(student_out_u, unlabeled)
+        logs.update(sam_logs)
+        return loss + term, logs
+
+    def sam_guidance_term(self, student_out_u, unlabeled):
+        """The weighted SAM term on the student's output for the clean unlabeled crop, and its log values; the
+        teacher's probabilities come from this iteration's teacher pass when the base trainer made one."""
         weight = self.sam_weight()
-        logs.update({"sam_weight": weight})
+        logs = {"sam_weight": weight}
         if weight < 1e-8:  # late in training the term is gone: skip the generalist's cost
             logs.update({"sam_loss": 0.0, "generalist_seconds": 0.0, "generalist_agreement": math.nan,
                          "generalist_coverage": math.nan})
-            return loss, logs
+            return student_out_u[0].sum() * 0.0, logs
         if self.ssl_settings["prompt_source"] == "teacher":
             probs = self._teacher_probs if self._teacher_probs is not None else \
                 torch.softmax(self.teacher_predict(unlabeled["data"])[0].float(), 1)
         else:
             probs = torch.softmax(student_out_u[0].detach().float(), 1)
         if "pseudo_label" in unlabeled:
-            return self.cached_pseudo_label_term(student_out_u, unlabeled["pseudo_label"], probs, weight, loss, logs)
+            term, term_logs = self.cached_pseudo_label_term(student_out_u, unlabeled["pseudo_label"], probs)
+            logs.update(term_logs)
+            return weight * term, logs
         x = unlabeled["data"]
         out = self.generalist_pseudo_label(x.float(), probs)
         pseudo = out.probabilities.detach().to(probs.dtype)
@@ -215,13 +225,12 @@ class SAMGuidance:
         logs.update({"sam_loss": term.detach(), "generalist_seconds": out.seconds,
                      "generalist_agreement": agreement,
                      "generalist_coverage": 1.0 if out.covered is None else float(out.covered.float().mean())})
-        return loss + weight * term, logs
+        return weight * term, logs
 
-
-    def cached_pseudo_label_term(self, student_out_u, label: torch.Tensor, probs: torch.Tensor, weight: float,
-                                 loss, logs):
-        """The SAM term towards an offline pseudo-label ``(B, 1, *patch)``: one-hot where it says something, no
-        weight where it holds the ignore value (not prompted, not confident, or outside the image)."""
+    def cached_pseudo_label_term(self, student_out_u, label: torch.Tensor, probs: torch.Tensor):
+        """The (unweighted) SAM term towards an offline pseudo-label ``(B, 1, *patch)`` and its log values: one-hot
+        where it says something, no weight where it holds the ignore value (not prompted, not confident, or outside
+        the image)."""
         from nnunet_foundation.training.unlabeled_stream import known_pseudo_label
 
         label, known = known_pseudo_label(label)
@@ -229,9 +238,8 @@ class SAMGuidance:
         term = self.sam_consistency(student_out_u, target, known.unsqueeze(1).to(probs.dtype))
         with torch.no_grad():
             agreement = ((target.argmax(1) == probs.argmax(1)) & known).float().sum() / known.sum().clamp_min(1)
-        logs.update({"sam_loss": term.detach(), "generalist_seconds": 0.0, "generalist_agreement": agreement,
-                     "generalist_coverage": float(known.float().mean())})
-        return loss + weight * term, logs
+        return term, {"sam_loss": term.detach(), "generalist_seconds": 0.0, "generalist_agreement": agreement,
+                      "generalist_coverage": float(known.float().mean())}
 
 
 class nnUNetTrainerSemiSAM(SAMGuidance, nnUNetTrainerMeanTeacher):
@@ -248,6 +256,23 @@ class nnUNetTrainerSemiSAMUAMT(SAMGuidance, nnUNetTrainerUAMT):
     ssl_log_keys = nnUNetTrainerUAMT.ssl_log_keys + SAMGuidance.sam_log_keys
 
 
-__all__ = ["nnUNetTrainerSemiSAM", "nnUNetTrainerSemiSAMUAMT",
+class nnUNetTrainerSemiSAMMixedDomain(SAMGuidance, nnUNetTrainerMixedDomain):
+    """The SemiSAM term on the mixed-domain trainer: bidirectional copy-paste with the EMA teacher's pseudo-labels
+    and cluster MMD (nnunet_foundation.methods.mixed_domain), plus the student's output on the clean unlabeled crop
+    towards the generalist's labels, prompted by the teacher (or read from an offline cache)."""
+
+    default_settings = {**nnUNetTrainerMixedDomain.default_settings, **SAMGuidance.sam_default_settings}
+    ssl_log_keys = nnUNetTrainerMixedDomain.ssl_log_keys + SAMGuidance.sam_log_keys
+
+    def compute_losses(self, labeled, unlabeled):
+        self._teacher_probs = None  # set again by this iteration's teacher pass (SAMGuidance.teacher_predict)
+        return super().compute_losses(labeled, unlabeled)
+
+    def clean_unlabeled_terms(self, student_out_u, unlabeled):
+        return self.sam_guidance_term(student_out_u, unlabeled)
+
+
+__all__ = ["nnUNetTrainerSemiSAM", "nnUNetTrainerSemiSAMUAMT", "nnUNetTrainerSemiSAMMixedDomain",
            *make_budget_variants(nnUNetTrainerSemiSAM, globals()),
-           *make_budget_variants(nnUNetTrainerSemiSAMUAMT, globals())]
+           *make_budget_variants(nnUNetTrainerSemiSAMUAMT, globals()),
+           *make_budget_variants(nnUNetTrainerSemiSAMMixedDomain, globals())]
