@@ -40,7 +40,8 @@
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
 # (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain - issue 19's mixed-domain method,
 # never told the domains), CACHED_TRAINERS those trained from the LiteMedSAM cache
-# (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining), PSEUDO_LABEL_GENERALIST that cache's generalist
+# (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining; add nnUNetTrainerSemiSAMMixedDomain for the SemiSAM term on
+# MixedDomain, as in docs/benchmarks/polyps_cpu), PSEUDO_LABEL_GENERALIST that cache's generalist
 # (JSON; default LiteMedSAM), MAX_SIZE the image size, NNUNET_NP the worker processes.
 set -euo pipefail
 DEVICE=${1:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
