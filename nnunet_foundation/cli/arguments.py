@@ -24,6 +24,17 @@ def add_prompting_model_arguments(p: argparse.ArgumentParser, required: bool) ->
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint of that model")
 
 
+def generalists_for_dataset(setting, what: str, base: str, configuration: dict) -> list:
+    """``generalists_for_configuration`` with the dataset's own default: a natural RGB image (channels R, G, B in the
+    preprocessed ``dataset.json``) is shown to the generalist in colour unless the setting names a channel."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_foundation.foundation.config import colour_defaults, generalists_for_configuration
+
+    return generalists_for_configuration(setting, what, configuration,
+                                         **colour_defaults(load_json(os.path.join(base, "dataset.json"))))
+
+
 def load_configuration(dataset: str, plans_identifier: str, configuration: str) -> Tuple[str, str, dict, dict]:
     """``(dataset name, preprocessed dataset folder, plans, configuration entry)``; errors name the fix."""
     from batchgenerators.utilities.file_and_folder_operations import load_json

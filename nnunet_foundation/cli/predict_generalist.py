@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from nnunet_foundation.cli.arguments import add_dataset_and_generalist_arguments, add_prompting_model_arguments
@@ -31,19 +30,14 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from nnunet_foundation.cli.arguments import load_configuration
+    from nnunet_foundation.cli.arguments import generalists_for_dataset, load_configuration
     from nnunet_foundation.foundation.checkpoints import CheckpointError
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, colour_defaults,
-                                                     describe_generalist, generalists_for_configuration)
+    from nnunet_foundation.foundation.config import GeneralistConfigError, MissingBackendError, describe_generalist
     from nnunet_foundation.generalist_prediction import predict_with_generalist
 
     try:
         dataset, base, _, configuration = load_configuration(args.d, args.p, args.c)
-        # a natural RGB image is shown to the generalist in colour unless the setting names a channel
-        configs = generalists_for_configuration(args.generalists, "predict-generalist", configuration,
-                                                **colour_defaults(load_json(os.path.join(base, "dataset.json"))))
+        configs = generalists_for_dataset(args.generalists, "predict-generalist", base, configuration)
         if len(configs) != 1:
             raise GeneralistConfigError("predict-generalist segments with one generalist: give one configuration")
         print(f"predict-generalist: {describe_generalist(configs[0])} prompted by {args.tr} (folds "

@@ -7,7 +7,7 @@ import os
 import sys
 
 from nnunet_foundation.cli.arguments import (add_dataset_and_generalist_arguments, add_prompting_model_arguments,
-                                             load_configuration)
+                                             generalists_for_dataset, load_configuration)
 
 
 def register(subparsers) -> None:
@@ -41,13 +41,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
     from nnunet_foundation import pseudo_labels as pl
     from nnunet_foundation.foundation.checkpoints import CheckpointError
     from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
-                                                     colour_defaults, describe_generalist, generalists_by_content,
-                                                     generalists_for_configuration)
+                                                     describe_generalist, generalists_by_content)
     from nnunet_foundation.specialist import checkpoint_digest, load_specialist
     from nnunet_foundation.unlabeled import UnlabeledDataError, UnlabeledImageDataset, plans_fingerprint
 
@@ -65,9 +62,7 @@ def run(args) -> int:
         return 2
     try:
         dataset, base, plans, configuration = load_configuration(args.d, args.p, args.c)
-        # a natural RGB image is shown to the generalist in colour unless the setting names a channel
-        configs = generalists_for_configuration(args.generalists, "pseudo-label", configuration,
-                                                **colour_defaults(load_json(os.path.join(base, "dataset.json"))))
+        configs = generalists_for_dataset(args.generalists, "pseudo-label", base, configuration)
         if len(configs) != 1:
             raise GeneralistConfigError("pseudo-label writes one generalist's labels: give one configuration")
         cases = pl.fold_unlabeled_cases(base, plans, args.c, args.f)
