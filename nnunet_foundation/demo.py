@@ -320,7 +320,9 @@ def run_demo(workdir: str, settings: DemoSettings, device: str) -> dict:
             shutil.rmtree(pred, ignore_errors=True)  # ours (a previous, interrupted prediction), never user data
             _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DEMO_DATASET_ID),
                   "-c", configuration, "-tr", trainer, "-f", "0", "-chk", "checkpoint_final.pth",
-                  "-device", device, "--disable_progress_bar", "-npp", "1", "-nps", "1"],
+                  # no worker processes (nnU-Net's sequential path): each would import torch again, for a few
+                  # small test images
+                  "-device", device, "--disable_progress_bar", "-npp", "0", "-nps", "0"],
                  env, logs / f"predict_{trainer}.log")
         results[trainer]["predictions"] = str(pred)
 

@@ -50,7 +50,12 @@ def predict_with_generalist(dataset: str, trainer: str, plans: str, configuratio
         generalist, use_mirroring=False, perform_everything_on_device=device.type == "cuda", device=device,
         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_folder, fold_ids, checkpoint_name=checkpoint)
-    results = predictor.predict_from_files(input_folder, output_folder, save_probabilities=False, overwrite=True,
-                                           num_processes_preprocessing=num_processes,
-                                           num_processes_segmentation_export=num_processes)
+    if num_processes == 0:  # nnU-Net's sequential path: no worker processes (each would import torch again)
+        os.makedirs(output_folder, exist_ok=True)  # that path writes its arguments there before making it
+        results = predictor.predict_from_files_sequential(input_folder, output_folder, save_probabilities=False,
+                                                          overwrite=True)
+    else:
+        results = predictor.predict_from_files(input_folder, output_folder, save_probabilities=False,
+                                               overwrite=True, num_processes_preprocessing=num_processes,
+                                               num_processes_segmentation_export=num_processes)
     return len(results) if results is not None else 0

@@ -56,18 +56,27 @@ def plan_and_preprocess(env: dict, dataset_id: int, configurations=("3d_fullres"
 
 
 @pytest.fixture(scope="session")
-def synthetic_dataset(tmp_path_factory):
+def synthetic_dataset(tmp_path_factory, worker_id):
     """A planned and preprocessed synthetic dataset (3d_fullres and 2d) with unlabeled scans in imagesUnlabeled.
 
-    Tests must not modify it: copy it with ``copy_nnunet_tree`` first when they need to change files.
+    Tests must not modify it: copy it with ``copy_nnunet_tree`` first when they need to change files. Made once per
+    test session and shared by the pytest-xdist workers (the first one plans it, the others wait for it): planning
+    costs a minute of a 2-core machine.
     """
+    from filelock import FileLock
+
     from nnunet_foundation.synthetic import write_dataset
 
-    root = tmp_path_factory.mktemp("nnunet_synthetic")
-    env = nnunet_environment(root)
-    write_dataset(env["nnUNet_raw"], dataset_id=SYNTHETIC_ID, name="Synthetic", num_labeled=10, num_unlabeled=4,
-                  num_test=2, seed=0)
-    plan_and_preprocess(env, SYNTHETIC_ID)
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root, finished = shared / "nnunet_synthetic", shared / "nnunet_synthetic.done"
+    with FileLock(str(shared / "nnunet_synthetic.lock")):
+        if not finished.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a half-made one from a crashed worker
+            env = nnunet_environment(root)
+            write_dataset(env["nnUNet_raw"], dataset_id=SYNTHETIC_ID, name="Synthetic", num_labeled=10,
+                          num_unlabeled=4, num_test=2, seed=0)
+            plan_and_preprocess(env, SYNTHETIC_ID)
+            finished.touch()
     return root
 
 

@@ -180,8 +180,8 @@ def test_stock_predictor_uses_the_trained_model(trained, tmp_path, trainer, conf
     images = Path(env["nnUNet_raw"]) / SYNTHETIC_NAME / "imagesTs"
     out = tmp_path / "pred"
     run_cli(["nnUNetv2_predict", "-i", images, "-o", out, "-d", SYNTHETIC_ID, "-c", configuration, "-tr", trainer,
-             "-f", 0, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_progress_bar", "-npp", 1,
-             "-nps", 1], env)
+             "-f", 0, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_progress_bar", "-npp", 0,
+             "-nps", 0], env)
     for case in ("synthetic_t000", "synthetic_t001"):
         pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
         ref = sitk.ReadImage(str(images / f"{case}_0000.nii.gz"))

@@ -102,5 +102,6 @@ def test_mixed_domain_trains_and_predicts_through_the_cli(synthetic_dataset, tmp
         assert torch.equal(v, checkpoint["ssl_state"]["teacher_weights"][k])
     pred = tmp_path / "pred"
     run_cli(["nnUNetv2_predict", "-i", Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs", "-o", pred,
-             "-d", SYNTHETIC_ID, "-c", "2d", "-tr", TRAINER, "-f", 0, "-device", "cpu", "--disable_progress_bar"], env)
+             "-d", SYNTHETIC_ID, "-c", "2d", "-tr", TRAINER, "-f", 0, "-device", "cpu", "--disable_progress_bar",
+             "-npp", 0, "-nps", 0], env)
     assert len(list(pred.glob("*.nii.gz"))) == 2

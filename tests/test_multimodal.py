@@ -70,5 +70,5 @@ def test_multimodal_plans_train_with_cross_modal_consistency_and_predict(tmp_pat
     pred = tmp_path / "pred"
     run_cli(["nnUNetv2_predict", "-i", Path(env["nnUNet_raw"]) / "Dataset931_FourModal" / "imagesTs", "-o", pred,
              "-d", 931, "-c", "2d", "-p", "nnUNetPlansMultiModal", "-tr", TRAINER, "-f", 0, "-device", "cpu",
-             "--disable_progress_bar"], env)
+             "--disable_progress_bar", "-npp", 0, "-nps", 0], env)
     assert len(list(pred.glob("*.nii.gz"))) == 1

@@ -236,7 +236,7 @@ def test_generalist_alone_predicts_through_nnunets_export(trained, tmp_path, mon
 
     reference = tmp_path / "nnunet"
     run_cli(["nnUNetv2_predict", "-i", images, "-o", reference, "-d", SYNTHETIC_ID, "-c", "2d", "-tr",
-             "nnUNetTrainer_smoke", "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1,
+             "nnUNetTrainer_smoke", "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 0, "-nps", 0,
              "--disable_progress_bar"], env)
     for k, v in env.items():
         if k.startswith("nnUNet_"):

@@ -183,7 +183,7 @@ def test_scsam_trains_predicts_and_resumes(synthetic_dataset, sam_checkpoint, tm
     run_cli(["nnUNetv2_predict", "-i", images, "-o", pred, "-d", SYNTHETIC_ID, "-c", configuration, "-tr", SCSAM,
              "-f", 0, "-device", "cpu", "--disable_progress_bar"], env_predict)
     proc = run_cli(["nnunet-foundation", "predict-sam-student", "-i", images, "-o", sam_pred, "-d", SYNTHETIC_ID,
-                    "-c", configuration, "-tr", SCSAM, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1], env_predict)
+                    "-c", configuration, "-tr", SCSAM, "-f", 0, "-device", "cpu", "-npp", 0, "-nps", 0], env_predict)
     assert "2 case(s) segmented by the SAM student" in proc.stdout
     import SimpleITK as sitk
 

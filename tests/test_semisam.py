@@ -258,7 +258,7 @@ def test_semisam_trains_predicts_and_resumes_through_the_cli(synthetic_dataset, 
     env_predict = {k: v for k, v in env.items() if k != "nnUNet_ssl_generalists"}
     run_cli(["nnUNetv2_predict", "-i", str(Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"), "-o",
              str(out), "-d", SYNTHETIC_ID, "-c", "3d_fullres", "-tr", SEMISAM, "-f", 0, "-device", "cpu",
-             "--disable_progress_bar"], env_predict)
+             "--disable_progress_bar", "-npp", 0, "-nps", 0], env_predict)
     predictions = sorted(out.glob("*.nii.gz"))
     assert len(predictions) == 2
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(predictions[0]))))) <= {0, 1, 2}

@@ -384,5 +384,5 @@ def test_sfr_trains_resumes_and_predicts(sfr_tree, tmp_path, monkeypatch):
     images = Path(env["nnUNet_raw"]) / SYNTHETIC_NAME / "imagesTs"
     pred = tmp_path / "pred"
     run_cli(["nnUNetv2_predict", "-i", images, "-o", pred, "-d", SYNTHETIC_ID, "-c", "2d", "-tr", SFR, "-f", 0,
-             "-device", "cpu", "--disable_progress_bar", "-npp", 1, "-nps", 1], env)
+             "-device", "cpu", "--disable_progress_bar", "-npp", 0, "-nps", 0], env)
     assert len(list(pred.glob("*.nii.gz"))) == 2

@@ -276,7 +276,7 @@ def test_slice_labels_to_nnunet_predict(weak_tree, tmp_path):
     for case in weak_cases[:2]:
         shutil.copy(source / "imagesTr" / f"{case}_0000.png", images)
     run_cli(["nnUNetv2_predict", "-d", OUT_ID, "-c", "2d", "-tr", "nnUNetTrainerWeakMedSAM_smoke", "-f", 0,
-             "-i", images, "-o", tmp_path / "pred", "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1], env)
+             "-i", images, "-o", tmp_path / "pred", "-device", "cpu", "--disable_tta", "-npp", 0, "-nps", 0], env)
     predicted = sorted(p.name for p in (tmp_path / "pred").glob("*.png"))
     assert predicted == [f"{c}.png" for c in weak_cases[:2]]
     assert np.asarray(Image.open(tmp_path / "pred" / predicted[0])).shape == (40, 40)

@@ -51,7 +51,7 @@ class BenchmarkSettings:
     tolerance: Tuple[str, ...] = ()  # as given on the command line ('1.0' or 'CLASS=MM'); empty = 1 mm
     device: str = "cpu"
     output: str = "benchmark"
-    num_processes: int = 1  # nnUNetv2_predict -npp/-nps and evaluation workers
+    num_processes: int = 1  # nnUNetv2_predict -npp/-nps and evaluation workers; 0: nnU-Net's sequential prediction
     ema_baselines: bool = True  # both bounds with nnUNetTrainerEMA (EMA export) rather than nnUNetTrainer
     # trainers that read an offline generalist pseudo-label cache (SemiSAM's 'pseudo_labels'): per scarce fold, the
     # fold's labeled-only model prompts the generalist (nnunet-foundation pseudo-label) once, then they train
@@ -120,6 +120,8 @@ class BenchmarkSettings:
             fractions = parse_domain_fractions(self.test_fraction)
         except SplitError as e:
             raise BenchmarkError(str(e)) from None
+        if self.num_processes < 0:
+            raise BenchmarkError(f"-np must be 0 (no worker processes) or more, not {self.num_processes}")
         if self.device not in ("cpu", "cuda", "mps"):
             raise BenchmarkError(f"--device must be cpu, cuda or mps, not {self.device!r}")
         return BenchmarkSettings(**{**asdict(self), "labeled": tuple(sorted(set(self.labeled))),

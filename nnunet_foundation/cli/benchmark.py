@@ -158,7 +158,9 @@ def register(subparsers) -> None:
                         "its last weights, instead of nnUNetTrainerEMA_<budget>, which exports an EMA of its weights "
                         "like the teacher-based methods export their EMA teacher (default: EMA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="training device (default: cpu)")
-    p.add_argument("-np", type=int, default=1, help="prediction/evaluation worker processes (default: 1)")
+    p.add_argument("-np", type=int, default=1,
+                   help="prediction/evaluation worker processes (default: 1; 0: none - nnU-Net's sequential "
+                        "prediction, quickest for a few test cases on a CPU)")
     p.add_argument("--output", default="benchmark", help="folder for test data, predictions, logs and reports "
                                                          "(default: ./benchmark)")
     p.add_argument("--cost", help="trainer_cost.py --json output to include as a cost table")

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("-f", nargs="+", default=["0"], help="folds of the prompting model (several are ensembled)")
     p.add_argument("-i", required=True, help="input folder (nnU-Net raw naming: CASE_0000.png / .nii.gz ...)")
     p.add_argument("-o", required=True, help="output folder for the segmentations")
-    p.add_argument("-np", type=int, default=1, help="preprocessing and export worker processes")
+    p.add_argument("-np", type=int, default=1, help="preprocessing and export worker processes (0: none, nnU-Net's "
+                                                    "sequential prediction; quickest for a few cases on a CPU)")
     p.set_defaults(func=run)
 
 
