@@ -25,7 +25,7 @@ CONFIGURATION = "3d_fullres"
 # counts are checked on the plan, where nothing trains
 BENCHMARK_ARGS = ["nnunet-foundation", "benchmark", "-d", SYNTHETIC_ID, "-c", CONFIGURATION, "--labeled", 2,
                   "--seeds", 0, "--num-val", 2, "--test-cases", 2, "--trainers", "nnUNetTrainerMeanTeacher",
-                  "--budget", "smoke", "--device", "cpu"]
+                  "--budget", "smoke", "--device", "cpu", "-np", 0]  # 0: nnU-Net's sequential prediction
 # both bounds train nnUNetTrainerEMA by default: an EMA export like Mean Teacher's teacher (--no-ema-baselines:
 # nnUNetTrainer)
 BASELINE = "nnUNetTrainerEMA_smoke"
@@ -150,6 +150,18 @@ def test_sfr_runs_its_fine_tuning_per_fold_before_training_and_reads_its_own_cac
     run = next(r for r in online.runs if r.method == "nnUNetTrainerSFR")
     command = online.prestage_command(run)
     assert command[command.index("--generalists") + 1] == generalist
+    # IFL's rows: the pre-stage trains them (every round up to the row's, round 0 the fold's labeled-only model)
+    ifl = make_benchmark(trainers=("nnUNetTrainerIFLRound1", "nnUNetTrainerIFLRound2"), pseudo_label_generalist=generalist)
+    for run in (r for r in ifl.runs if r.method.startswith("nnUNetTrainerIFLRound")):
+        rounds = run.method[-1]
+        command = ifl.prestage_command(run)
+        assert ifl.prestage_trains(run) and ifl.main_command(run) == command
+        assert command[:2] == ["nnunet-foundation", "ifl"] and command[command.index("--rounds") + 1] == rounds
+        assert command[command.index("--budget") + 1] == "smoke" and command[command.index("-f") + 1] == str(run.fold)
+        assert run.pseudo_labels == f"IFL__nnUNetPlans__fold{run.fold}__round{rounds}"
+    assert not any(ifl.prestage_trains(r) for r in ifl.runs if not r.method.startswith("nnUNetTrainerIFL"))
+    ifl.prepare()
+    assert ifl.job_script().count("(trains the run), then nnUNetv2_predict") == 8
     # options for a trainer without a pre-stage, or one not in the benchmark, are refused before anything runs
     with pytest.raises(BenchmarkError, match="has no pre-stage"):
         make_benchmark(prestage_options=("nnUNetTrainerMeanTeacher=--iterations 3",))
@@ -196,6 +208,7 @@ def test_a_generalist_row_follows_each_labeled_only_run_and_trains_nothing(make_
     (dict(labeled=(8,)), "leave no unlabeled case"),
     (dict(configuration="3d_lowres"), "not in"),
     (dict(dataset="977"), "not found"),
+    (dict(num_processes=-1), "-np must be 0"),
 ])
 def test_bad_settings_fail_before_anything_is_written(make_benchmark, tmp_path, overrides, message):
     with pytest.raises(BenchmarkError, match=message):
@@ -453,10 +466,12 @@ def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_label
     --generalist-row adds the generalist alone, prompted by that model."""
     generalist = json.dumps({"backend": "sam", "model_type": "tiny", "allow_random_init": True})
     before = checkpoints(benchmark["results_dir"])
-    proc = run_cli(BENCHMARK_ARGS + ["--cached-trainers", "nnUNetTrainerSemiSAM", "nnUNetTrainerSFR",
-                                     "--pseudo-label-generalist", generalist, "--generalist-row",
-                                     "--prestage-options", "nnUNetTrainerSFR=--iterations 2 --save-every 1",
-                                     "--output", benchmark["out"]], benchmark["env"], timeout=1200)
+    with_ifl = [*BENCHMARK_ARGS[:BENCHMARK_ARGS.index("--trainers") + 2], "nnUNetTrainerIFLRound1",
+                *BENCHMARK_ARGS[BENCHMARK_ARGS.index("--trainers") + 2:]]  # one more online trainer: IFL round 1
+    proc = run_cli(with_ifl + ["--cached-trainers", "nnUNetTrainerSemiSAM", "nnUNetTrainerSFR",
+                               "--pseudo-label-generalist", generalist, "--generalist-row",
+                               "--prestage-options", "nnUNetTrainerSFR=--iterations 2 --save-every 1",
+                               "--output", benchmark["out"]], benchmark["env"], timeout=1200)
     assert proc.stdout.count("finished earlier, skipped") == 3
     run_id = "labeled-2_seed-0_nnUNetTrainerSemiSAM_smoke"
     cache = benchmark["preprocessed"] / "nnUNetPlans_3d_fullres_pseudo_labels" / f"{BASELINE}__nnUNetPlans__fold0"
@@ -491,6 +506,18 @@ def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_label
     assert sfr["run"]["prestage"] and sfr["run"]["pseudo_labels"] == sfr_cache.name
     assert sfr["timings"]["generalist_wall_s"] > 0 and "sfr_loss" in sfr["training"]["curves"]
     assert "nnUNetTrainerSFR_smoke (semi-supervised, with its per-fold pre-stage" in report
+    # IFL round 1: its pre-stage (nnunet-foundation ifl --rounds 1) pseudo-labelled fold 0's unlabeled cases
+    # prompted by round 0 - the labeled-only run's model, not trained again - and trained the round, warm-started;
+    # the benchmark trained nothing after it
+    ifl_id = "labeled-2_seed-0_nnUNetTrainerIFLRound1_smoke"
+    ifl_log = (benchmark["out"] / "logs" / f"{ifl_id}.prestage.log").read_text()
+    assert "== round 1: pseudo-labels prompted by " + BASELINE in ifl_log and "-pretrained_weights" in ifl_log
+    assert not (benchmark["out"] / "logs" / f"{ifl_id}.train.log").exists()
+    ifl_cache = benchmark["preprocessed"] / "nnUNetPlans_3d_fullres_pseudo_labels" / "IFL__nnUNetPlans__fold0__round1"
+    assert {p.stem for p in ifl_cache.glob("*.npz")} == set(fold["unlabeled"])
+    ifl = next(r for r in results["runs"] if r["run"]["run_id"] == ifl_id)
+    assert ifl["run"]["prestage"] and ifl["timings"]["prestage_wall_s"] > 0 and "train_wall_s" not in ifl["timings"]
+    assert ifl["training"]["epochs"] == 2 and "(all rounds, trainings included)" in report
     new = checkpoints(benchmark["results_dir"])
-    # SemiSAM's and SFR's
-    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 2
+    # SemiSAM's, SFR's and IFL round 1's
+    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 3

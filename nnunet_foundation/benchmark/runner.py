@@ -46,7 +46,7 @@ from nnunet_foundation.training.checkpoint_files import STUDENT_CHECKPOINT, was_
 
 MARKER = ".nnunet_foundation_benchmark"
 # lines of nnU-Net's training output shown live (everything goes to the log file)
-PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "semi-supervised:")
+PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "semi-supervised:", "== round")
 
 TRAIN, RESUME, PREDICT, FINISHED = "train", "resume", "predict+evaluate", "finished"
 WAITING = "waits for its labeled-only run"  # a generalist row before the model that prompts it is trained
@@ -196,9 +196,11 @@ class Benchmark:
             if s.generalist_row:  # after the labeled-only run, whose model prompts the generalist
                 runs.append(Run(GENERALIST, f"{s.trainer_class(baseline)}+generalist", "generalist", info.fold,
                                 info.seed, info.num_labeled, fold, prompted_by=s.trainer_class(baseline)))
-            for method in s.trainers:
+            for method in s.trainers:  # a pre-stage may name the cache it writes (IFL's rounds)
+                own = prestaged[method](**self._prestage_arguments(method, info.fold, cached=False))[1] \
+                    if method in prestaged else None
                 runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold,
-                                prestage=method in prestaged))
+                                pseudo_labels=own, prestage=method in prestaged))
             # after the labeled-only run of the fold, whose model prompts the generalist for their cache; a trainer
             # with its own pre-stage makes its own cache (SFR: its fine-tuned generalist's labels)
             cache = f"{s.trainer_class(baseline)}__{s.plans}__fold{info.fold}"
@@ -233,7 +235,12 @@ class Benchmark:
         s = self.settings
         return dict(dataset=str(self.dataset_id), configuration=s.configuration, plans=s.plans, fold=fold,
                     device="cuda" if s.device == "cuda" else "cpu", generalist=s.pseudo_label_generalist,
-                    options=s.prestage_option_list(method), cached=cached)
+                    options=s.prestage_option_list(method), cached=cached, budget=s.budget)
+
+    def prestage_trains(self, run: Run) -> bool:
+        """Whether the run's pre-stage trains the run itself (IFL's rounds: each warm-started from the round
+        before), so no nnUNetv2_train follows it."""
+        return run.prestage and getattr(self.prestage_hooks[run.method].__self__, "benchmark_prestage_trains", False)
 
     def prestage_command(self, run: Run) -> List[str]:
         """The run's per-fold pre-stage (see Run.prestage): e.g. nnunet-foundation sfr for nnUNetTrainerSFR."""
@@ -436,7 +443,9 @@ class Benchmark:
 
     def main_command(self, run: Run) -> List[str]:
         """What the run executes first: a training, or for a generalist row its prediction (it trains nothing)."""
-        return self.predict_generalist_command(run) if run.role == GENERALIST else self.train_command(run)
+        if run.role == GENERALIST:
+            return self.predict_generalist_command(run)
+        return self.prestage_command(run) if self.prestage_trains(run) else self.train_command(run)
 
     def predict_command(self, run: Run, student: bool = False) -> List[str]:
         """nnUNetv2_predict of the test images with the run's final checkpoint, or with ``student`` the trained
@@ -520,15 +529,22 @@ class Benchmark:
                 print(f"{head}: {verb}: fold {run.fold}, {run.trainer}, {len(run.split['train'])} labeled"
                       + (f" + {len(run.split['unlabeled'])} unlabeled" if run.role == SSL else "")
                       + f" cases, {self.budget.description}", flush=True)
-                if run.prestage:  # it skips what it finished, so a resumed run costs little
+                if self.prestage_trains(run):  # e.g. IFL: its rounds (pseudo-labels and warm-started trainings)
                     cmd = self.prestage_command(run)
-                    print(f"      pre-stage: {' '.join(cmd)}", flush=True)
-                    timings["generalist_wall_s"] = self._run_command(cmd, logs / f"{run.run_id}.prestage.log")
-                elif run.pseudo_labels:  # finished cases are skipped, so a resumed run costs a model load only
-                    timings["generalist_wall_s"] = self._make_pseudo_labels(run, logs)
-                timings["train_wall_s"] = self._run_command(self.train_command(run, status == RESUME),
-                                                            logs / f"{run.run_id}.train.log", show_progress=True,
-                                                            env=self.training_environment(run))
+                    print(f"      pre-stage (trains the run; resumes what a killed one left): {' '.join(cmd)}",
+                          flush=True)
+                    timings["prestage_wall_s"] = self._run_command(cmd, logs / f"{run.run_id}.prestage.log",
+                                                                   show_progress=True)
+                else:
+                    if run.prestage:  # it skips what it finished, so a resumed run costs little
+                        cmd = self.prestage_command(run)
+                        print(f"      pre-stage: {' '.join(cmd)}", flush=True)
+                        timings["generalist_wall_s"] = self._run_command(cmd, logs / f"{run.run_id}.prestage.log")
+                    elif run.pseudo_labels:  # finished cases are skipped, so a resumed run costs a model load only
+                        timings["generalist_wall_s"] = self._make_pseudo_labels(run, logs)
+                    timings["train_wall_s"] = self._run_command(self.train_command(run, status == RESUME),
+                                                                logs / f"{run.run_id}.train.log", show_progress=True,
+                                                                env=self.training_environment(run))
                 if not (self.training_folder(run) / "checkpoint_final.pth").is_file():
                     raise BenchmarkError(f"{run.trainer} finished without {self.training_folder(run)}/"
                                          f"checkpoint_final.pth; see {logs / (run.run_id + '.train.log')}")
@@ -625,10 +641,15 @@ class Benchmark:
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.predict_generalist_command(run))}"
                              f" and evaluation")
                 lines.append(f"#   after {self.labeled_only_run(run).run_id}: its model prompts the generalist")
+            elif self.prestage_trains(run):
+                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.prestage_command(run))} "
+                             f"(trains the run), then nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
+                lines.append(f"#   after {self.labeled_only_run(run).run_id} (its model is round 0) and the fold's "
+                             f"earlier rounds")
             else:
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.train_command(run))}, then "
                              f"nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
-            if run.prestage:
+            if run.prestage and not self.prestage_trains(run):
                 lines.append(f"#   first, per fold: {shlex.join(self.prestage_command(run))}")
             elif run.pseudo_labels:
                 lines.append(f"#   after {self.labeled_only_run(run).run_id}: first the generalist's labels of the "

@@ -8,7 +8,8 @@ import os
 import sys
 import time
 
-from nnunet_foundation.cli.arguments import add_dataset_and_generalist_arguments, load_configuration
+from nnunet_foundation.cli.arguments import (add_dataset_and_generalist_arguments, generalists_for_dataset,
+                                             load_configuration)
 
 
 def register(subparsers) -> None:
@@ -86,9 +87,9 @@ def _run(args) -> int:
 
     from nnunet_foundation import pseudo_labels as pl
     from nnunet_foundation.foundation.checkpoints import CheckpointError
-    from nnunet_foundation.foundation.config import (GeneralistConfigError, MissingBackendError, build_generalist,
-                                                     describe_generalist, generalists_by_content,
-                                                     generalists_for_configuration, single_image_channel)
+    from nnunet_foundation.foundation.config import (RGB, GeneralistConfigError, MissingBackendError,
+                                                     build_generalist, describe_generalist, generalists_by_content,
+                                                     single_image_channel)
     from nnunet_foundation.methods.ifl import rounds as ifl
     from nnunet_foundation.methods.ifl.keyframes import KeySliceSettings
     from nnunet_foundation.methods.ifl.propagation import PropagationSettings
@@ -111,7 +112,8 @@ def _run(args) -> int:
                                  propagation=PropagationSettings(min_agreement=args.min_agreement))
     try:
         dataset, base, plans, configuration = load_configuration(args.d, args.p, args.c)
-        configs = generalists_for_configuration(args.generalists, "ifl", configuration)
+        # a natural RGB dataset (convert-2d) is walked in colour unless the setting names a channel
+        configs = generalists_for_dataset(args.generalists, "ifl", base, configuration)
         if len(configs) != 1:
             raise GeneralistConfigError("ifl propagates with one generalist: give one configuration")
         cases = sorted(pl.fold_unlabeled_cases(base, plans, args.c, args.f))
@@ -210,11 +212,14 @@ def _run(args) -> int:
                 generalist = build_generalist(configs[0]).to(device).eval()
             specialist = load_specialist(dataset, prompting, args.p, args.c, [str(args.f)], "checkpoint_final.pth",
                                          device)
-            ifl.run_round_cases(work, cache, r, mine, lambda case: np.asarray(images.load_case(case)[0][:]),
-                                specialist, generalist, generalist.slice_axis(),
-                                single_image_channel(generalist.config, "ifl"),
-                                settings,
-                                progress=lambda m: print(m, flush=True))
+            try:
+                ifl.run_round_cases(work, cache, r, mine, lambda case: np.asarray(images.load_case(case)[0][:]),
+                                    specialist, generalist, generalist.slice_axis(),
+                                    RGB if generalist.config.image_channel == RGB else
+                                    single_image_channel(generalist.config, "ifl"),
+                                    settings, progress=lambda m: print(m, flush=True))
+            except GeneralistConfigError as e:
+                raise IFLCommandError(str(e)) from e
         if args.num_parts > 1:
             print(f"part {args.part_id + 1}/{args.num_parts} of round {r} done; when every part is, run the command "
                   f"without -part_id/-num_parts to finish the round and train it", flush=True)

@@ -226,7 +226,7 @@ class GeneralistConfig:
 def colour_defaults(dataset_json: Mapping[str, Any]) -> Dict[str, Any]:
     """``{"image_channel": "rgb"}`` for a natural-image dataset whose channels 0-2 are R, G, B (nnU-Net's PNG reader,
     ``convert-2d``), else ``{}``: the default of the steps that prompt the generalist with whole images
-    (``pseudo-label``, ``predict-generalist``); an ``image_channel`` in the generalist setting wins."""
+    (``pseudo-label``, ``predict-generalist``, ``ifl``); an ``image_channel`` in the generalist setting wins."""
     names = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
     ordered = [str(names[k]).strip().upper() for k in sorted(names, key=lambda k: int(k))]
     return {"image_channel": RGB} if ordered[:3] == ["R", "G", "B"] else {}
@@ -239,7 +239,8 @@ def single_image_channel(config, what: str) -> int:
     if channel == RGB:
         raise GeneralistConfigError(f"{what} feeds the generalist one image channel: give image_channel as a channel "
                                     f"index (e.g. 0). 'rgb' is supported where the generalist segments the "
-                                    f"specialist's prompts (SemiSAM, self-training, pseudo-label, predict-generalist)")
+                                    f"specialist's prompts (SemiSAM, self-training, pseudo-label, predict-generalist, "
+                                    f"IFL's slice walk)")
     return 0 if channel is None else int(channel)
 
 

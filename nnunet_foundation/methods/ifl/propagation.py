@@ -45,7 +45,8 @@ def _box_of(mask: np.ndarray, margin: int) -> np.ndarray:
 
 
 def segment_with_box(generalist, image_slice: np.ndarray, box: np.ndarray, class_index: int) -> np.ndarray:
-    """The generalist's foreground probability ``(h, w)`` for one slice (nnU-Net intensities) and one box."""
+    """The generalist's foreground probability ``(h, w)`` for one slice (nnU-Net intensities, ``(h, w)`` or colour
+    ``(3, h, w)``) and one box."""
     from nnunet_foundation.foundation.prompts import SlicePrompt
 
     prompt = SlicePrompt(batch_index=0, class_index=class_index, slice_index=0,
@@ -70,9 +71,10 @@ def propagate_class(generalist, volume: np.ndarray, specialist_mask: np.ndarray,
                     settings: PropagationSettings = PropagationSettings()) -> Tuple[np.ndarray, np.ndarray]:
     """(probability ``(Z, H, W)`` of the class, slices reached ``(Z,)`` bool) for one class of one case.
 
-    ``volume``: ``(Z, H, W)`` image (nnU-Net intensities) with slices along the propagation axis;
-    ``specialist_mask``: nnU-Net's region of the class ``(Z, H, W)``; ``starts``: that class's key slices."""
-    probability = np.zeros(volume.shape, np.float32)
+    ``volume``: ``(Z, H, W)`` image (nnU-Net intensities) with slices along the propagation axis, or ``(Z, 3, H, W)``
+    colour slices; ``specialist_mask``: nnU-Net's region of the class ``(Z, H, W)``; ``starts``: that class's key
+    slices."""
+    probability = np.zeros(specialist_mask.shape, np.float32)
     reached = np.zeros(volume.shape[0], bool)
     for start in starts:
         z = start.slice_index

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from nnunet_foundation.atomic_files import write_atomically, write_json_atomically
+from nnunet_foundation.foundation.config import RGB, GeneralistConfigError
 from nnunet_foundation.methods.ifl.keyframes import KeySliceSettings, key_slices, mask_dice
 from nnunet_foundation.methods.ifl.propagation import (PropagationSettings, combine_classes, propagate_class,
                                                       propagate_class_video, video_state)
@@ -80,30 +81,38 @@ def forget_old_rounds(work: str, next_round: int, history: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- one case
 def pseudo_label_from_history(image: np.ndarray, history: Sequence[np.ndarray], generalist, axis: int,
-                              channel: int, settings: RoundSettings) -> Dict[str, np.ndarray]:
+                              channel, settings: RoundSettings) -> Dict[str, np.ndarray]:
     """One case's round pseudo-label from its preprocessed image ``(C, D, H, W)`` and the rounds' softmax maps
     ``(K, D, H, W)`` (oldest first), slicing along spatial ``axis`` (0 for nnU-Net's 2d configuration); returns the
     cache arrays (``probabilities``, ``covered``, ``label``) and ``agreement`` (per foreground class, Dice between
-    the pseudo-label and nnU-Net's latest prediction)."""
-    volume = np.moveaxis(image[channel], axis, 0)  # (Z, h, w): slices along the propagation axis
+    the pseudo-label and nnU-Net's latest prediction). ``channel``: the image channel the generalist sees, or
+    ``"rgb"`` (channels 0-2 as colour: natural images such as endoscopy, where one channel loses the hue)."""
+    if channel == RGB:
+        volume = np.moveaxis(image[:3], axis + 1, 0)  # (Z, 3, h, w): colour slices along the propagation axis
+        if hasattr(generalist, "track"):
+            raise GeneralistConfigError("IFL's SAM2 video propagation takes one image channel: give image_channel as "
+                                        "a channel index (colour is supported by the LiteMedSAM/SAM slice walk)")
+    else:
+        volume = np.moveaxis(image[channel], axis, 0)  # (Z, h, w): slices along the propagation axis
     maps = [np.moveaxis(h, axis + 1, 1) for h in history]
     latest = maps[-1].argmax(0)
     num_classes = maps[-1].shape[0]
     starts = key_slices(maps, settings.key)
     video = video_state(generalist, volume) if starts and hasattr(generalist, "track") else None  # SAM2 video
+    grid = latest.shape  # (Z, h, w)
     probabilities, reached = [], []
     for c in range(1, num_classes):
         if c in starts:  # each class walks on its own: no class's masks seed another's (semantic-aware memory)
             p, r = propagate_class(generalist, volume, latest == c, starts[c], settings.propagation) if video is None \
                 else propagate_class_video(generalist, video, latest == c, starts[c], settings.propagation)
         else:
-            p, r = np.zeros(volume.shape, np.float32), np.zeros(volume.shape[0], bool)
+            p, r = np.zeros(grid, np.float32), np.zeros(grid[0], bool)
         probabilities.append(p)
         reached.append(r)
     label, confidence = combine_classes(probabilities)
     walked = np.any(reached, 0)[:, None, None]  # slices some walk reached: the generalist has an opinion there
     # nnU-Net's class c on a slice no walk of c reached, and not claimed by the generalist: unconfirmed
-    confirmed = np.zeros(volume.shape, bool)
+    confirmed = np.zeros(grid, bool)
     for c, r in enumerate(reached, 1):
         confirmed |= (latest == c) & r[:, None, None]
     unconfirmed = (latest > 0) & ~confirmed & (label == 0)
@@ -113,14 +122,14 @@ def pseudo_label_from_history(image: np.ndarray, history: Sequence[np.ndarray], 
     stacked = np.stack(probabilities)
     full = np.concatenate([np.clip(1 - stacked.max(0, keepdims=True), 0, 1), stacked]).astype(np.float16)
     agreement = np.array([mask_dice(label == c, latest == c) for c in range(1, num_classes)], np.float32)
-    covered = np.broadcast_to(walked, volume.shape) | (label != IGNORE)
+    covered = np.broadcast_to(walked, grid) | (label != IGNORE)
     return {"probabilities": np.moveaxis(full, 1, 1 + axis), "covered": np.moveaxis(covered, 0, axis),
             "label": np.moveaxis(label, 0, axis), "agreement": agreement}
 
 
 def run_round_cases(work: str, cache: str, round_index: int, cases: Sequence[str],
                     load_image: Callable[[str], np.ndarray], specialist: Callable[[np.ndarray], torch.Tensor],
-                    generalist, axis: int, channel: int, settings: RoundSettings,
+                    generalist, axis: int, channel, settings: RoundSettings,
                     progress: Callable[[str], None] = print) -> Dict[str, int]:
     """Pseudo-label ``cases`` for round ``round_index`` (its specialist: round ``round_index - 1``'s model), skipping
     finished ones (their cache file exists)."""

@@ -9,6 +9,8 @@ overwrites another. Round 0 is the package's labeled-only baseline, ``nnUNetTrai
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 from nnunet_foundation.methods.self_training import nnUNetTrainerSelfTraining
 from nnunet_foundation.training.budgets import make_budget_variants
 
@@ -25,6 +27,23 @@ class nnUNetTrainerIFLRound(nnUNetTrainerSelfTraining):
     """Base of the round trainers (not a round itself): learns from its round's cache unless ``pseudo_labels``
     names another."""
     ifl_round = 0
+    #: the benchmark's pre-stage (``nnunet-foundation ifl``) trains this round itself, warm-started from the round
+    #: before: the benchmark runs no nnUNetv2_train after it
+    benchmark_prestage_trains = True
+
+    @classmethod
+    def benchmark_prestage(cls, dataset: str, configuration: str, plans: str, fold: int, device: str,
+                           generalist: Optional[str], options: List[str], cached: bool,
+                           budget: Optional[str] = None) -> Tuple[List[str], Optional[str]]:
+        """The benchmark row of round r: ``nnunet-foundation ifl --rounds r`` on the fold (round 0 is the fold's
+        labeled-only nnUNetTrainerEMA run, shared with the benchmark's bound; finished rounds are skipped, so the
+        rows of rounds 1..r of one fold share their earlier rounds). ``--converged 1`` keeps the rounds going, so
+        every row has its model; the cache is the round's own."""
+        cmd = ["nnunet-foundation", "ifl", "-d", dataset, "-c", configuration, "-p", plans, "-f", str(fold),
+               "--rounds", str(cls.ifl_round), "--converged", "1", "-device", device,
+               *(["--budget", budget] if budget else []),
+               *(["--generalists", generalist] if generalist is not None else []), *options]
+        return cmd, ifl_cache_name(plans, fold, cls.ifl_round)
 
     def default_pseudo_label_cache(self) -> str:
         if self.ifl_round < 1:

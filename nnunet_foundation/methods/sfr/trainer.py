@@ -54,7 +54,8 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
 
     @classmethod
     def benchmark_prestage(cls, dataset: str, configuration: str, plans: str, fold: int, device: str,
-                           generalist: Optional[str], options: List[str], cached: bool) -> Tuple[List[str], Optional[str]]:
+                           generalist: Optional[str], options: List[str], cached: bool,
+                           budget: Optional[str] = None) -> Tuple[List[str], Optional[str]]:
         """What the benchmark runs once per fold before training this trainer: ``nnunet-foundation sfr`` (the
         fine-tuning on the fold's labeled cases, skipped when finished), and for a cached run also its pseudo-labels
         of the fold's unlabeled cases. Returns the command and the cache the training reads (None: online)."""
