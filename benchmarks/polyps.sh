@@ -39,7 +39,9 @@
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
 # (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain - issue 19's mixed-domain method,
-# never told the domains), CACHED_TRAINERS those trained from the LiteMedSAM cache
+# never told the domains; add nnUNetTrainerIFLRound1 nnUNetTrainerIFLRound2 for IFL's rounds: round r's LiteMedSAM
+# labels prompted by round r-1's model, each round about 15 min of labels + one training; round 1 is self-training
+# warm-started from the labeled-only model), CACHED_TRAINERS those trained from the LiteMedSAM cache
 # (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining; add nnUNetTrainerSemiSAMMixedDomain for the SemiSAM term on
 # MixedDomain, as in docs/benchmarks/polyps_cpu), PSEUDO_LABEL_GENERALIST that cache's generalist
 # (JSON; default LiteMedSAM), MAX_SIZE the image size, NNUNET_NP the worker processes.
