@@ -161,7 +161,9 @@ def test_sfr_runs_its_fine_tuning_per_fold_before_training_and_reads_its_own_cac
         assert run.pseudo_labels == f"IFL__nnUNetPlans__fold{run.fold}__round{rounds}"
     assert not any(ifl.prestage_trains(r) for r in ifl.runs if not r.method.startswith("nnUNetTrainerIFL"))
     ifl.prepare()
-    assert ifl.job_script().count("(trains the run), then nnUNetv2_predict") == 8
+    script = ifl.job_script()
+    assert script.count("(trains the run), then nnUNetv2_predict") == 8
+    assert "first the generalist's labels" not in script  # IFL's labels are its own command's, not the cache's
     # options for a trainer without a pre-stage, or one not in the benchmark, are refused before anything runs
     with pytest.raises(BenchmarkError, match="has no pre-stage"):
         make_benchmark(prestage_options=("nnUNetTrainerMeanTeacher=--iterations 3",))

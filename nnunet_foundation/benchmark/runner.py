@@ -546,8 +546,9 @@ class Benchmark:
                                                                 logs / f"{run.run_id}.train.log", show_progress=True,
                                                                 env=self.training_environment(run))
                 if not (self.training_folder(run) / "checkpoint_final.pth").is_file():
+                    log = "prestage" if self.prestage_trains(run) else "train"
                     raise BenchmarkError(f"{run.trainer} finished without {self.training_folder(run)}/"
-                                         f"checkpoint_final.pth; see {logs / (run.run_id + '.train.log')}")
+                                         f"checkpoint_final.pth; see {logs / f'{run.run_id}.{log}.log'}")
             else:
                 print(f"{head}: trained earlier ({self.training_folder(run)}), predicting", flush=True)
             student = None
@@ -644,13 +645,14 @@ class Benchmark:
             elif self.prestage_trains(run):
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.prestage_command(run))} "
                              f"(trains the run), then nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
-                lines.append(f"#   after {self.labeled_only_run(run).run_id} (its model is round 0) and the fold's "
-                             f"earlier rounds")
+                lines.append(f"#   after {self.labeled_only_run(run).run_id} (round 0 with EMA baselines) and the "
+                             f"fold's earlier rounds")
             else:
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.train_command(run))}, then "
                              f"nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
-            if run.prestage and not self.prestage_trains(run):
-                lines.append(f"#   first, per fold: {shlex.join(self.prestage_command(run))}")
+            if run.prestage:
+                if not self.prestage_trains(run):
+                    lines.append(f"#   first, per fold: {shlex.join(self.prestage_command(run))}")
             elif run.pseudo_labels:
                 lines.append(f"#   after {self.labeled_only_run(run).run_id}: first the generalist's labels of the "
                              f"fold's unlabeled cases, prompted by that run's model ({run.pseudo_labels})")
