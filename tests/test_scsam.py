@@ -181,9 +181,9 @@ def test_scsam_trains_predicts_and_resumes(synthetic_dataset, sam_checkpoint, tm
     env_predict = {k: v for k, v in env.items() if not k.startswith("nnUNet_ssl_")}
     pred, sam_pred = tmp_path / "pred", tmp_path / "pred_sam"
     run_cli(["nnUNetv2_predict", "-i", images, "-o", pred, "-d", SYNTHETIC_ID, "-c", configuration, "-tr", SCSAM,
-             "-f", 0, "-device", "cpu", "--disable_progress_bar"], env_predict)
+             "-f", 0, "-device", "cpu", "--disable_progress_bar", "-npp", 0, "-nps", 0], env_predict)
     proc = run_cli(["nnunet-foundation", "predict-sam-student", "-i", images, "-o", sam_pred, "-d", SYNTHETIC_ID,
-                    "-c", configuration, "-tr", SCSAM, "-f", 0, "-device", "cpu", "-npp", 0, "-nps", 0], env_predict)
+                    "-c", configuration, "-tr", SCSAM, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1], env_predict)
     assert "2 case(s) segmented by the SAM student" in proc.stdout
     import SimpleITK as sitk
 

@@ -129,7 +129,7 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
     images = Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"
     sam_pred = tmp_path / "pred_sam"
     command = ["nnunet-foundation", "predict-sam-student", "-i", images, "-o", sam_pred, "-d", SYNTHETIC_ID,
-               "-c", configuration, "-tr", SYNFOC, "-f", 0, "-device", "cpu", "-npp", 0, "-nps", 0]
+               "-c", configuration, "-tr", SYNFOC, "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1]
     proc = run_cli(command, env_predict)
     assert "2 case(s) segmented by the SAM student" in proc.stdout
     labels = set(json.loads((Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "dataset.json").read_text())
