@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli
+from conftest import SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli, train_until_first_checkpoint
 from nnunet_foundation.methods.mixed_domain import (cluster_mmd, feature_vectors, gaussian_mmd, kmeans,
                                                     nnUNetTrainerMixedDomain)
 from nnunet_foundation.training.networks import captured_encoder_output
@@ -88,13 +88,22 @@ def test_both_terms_are_positive_and_reach_the_student(trainer_factory):
 
 
 @pytest.mark.e2e
-def test_mixed_domain_trains_and_predicts_through_the_cli(synthetic_dataset, tmp_path):
+def test_mixed_domain_trains_resumes_and_predicts_through_the_cli(synthetic_dataset, tmp_path):
     env = copy_nnunet_tree(synthetic_dataset, tmp_path / "tree")
     preprocess_unlabeled_cli(env, ("2d",))
-    run_cli(["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", TRAINER, "-device", "cpu"], env)
+    train = ["nnUNetv2_train", SYNTHETIC_ID, "2d", 0, "-tr", TRAINER, "-device", "cpu"]
     out = Path(env["nnUNet_results"]) / "Dataset900_Synthetic" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+    # killed after its first epoch like a lost cluster job, then nnU-Net's --c
+    interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
+    assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
+    run_cli(train + ["--c"], env)
     checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2 and checkpoint["ssl_state"]["iteration"] == 8  # continued, not restarted
     log = checkpoint["logging"]
+    assert log["cmmd_loss"][:1] == interrupted["logging"]["cmmd_loss"][:1] and len(log["cmmd_loss"]) == 2
+    # the teacher kept following the student after the resume
+    assert any(not torch.equal(v, interrupted["ssl_state"]["teacher_weights"][k])
+               for k, v in checkpoint["ssl_state"]["teacher_weights"].items())
     assert all(v > 0 for v in log["copy_paste_loss"]) and all(v > 0 for v in log["cmmd_loss"])
     assert all(r > 0 for r in log["grad_ratio_unsup_sup"])
     # nnUNetv2_predict loads the EMA teacher
