@@ -120,7 +120,7 @@ def test_synfoc_trains_predicts_and_resumes_exactly(synthetic_dataset, sam_check
         pred = tmp_path / "pred"
         run_cli(["nnUNetv2_predict", "-i", str(Path(env["nnUNet_raw"]) / "Dataset900_Synthetic" / "imagesTs"),
                  "-o", str(pred), "-d", SYNTHETIC_ID, "-c", configuration, "-tr", SYNFOC, "-f", 0, "-device", "cpu",
-                 "--disable_progress_bar"], env_predict)
+                 "--disable_progress_bar", "-npp", 0, "-nps", 0], env_predict)
         assert len(list(pred.glob("*.nii.gz"))) == 2
 
     # the SAM student through nnU-Net's predictor: one segmentation per case on the input's grid
