@@ -170,3 +170,23 @@ def train_until_first_checkpoint(command: list, env: dict, checkpoint: Path, tim
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def interrupt_then_resume(train: list, env: dict, out: Path) -> tuple[dict, dict]:
+    """Kill a real two-epoch training (4 iterations an epoch) as soon as its first checkpoint_best.pth is written,
+    like a lost cluster job, resume it with nnU-Net's ``--c`` and check what every trainer owes a resume: the
+    interrupted state was picked up, the epoch and SSL iteration counters continued instead of restarting, and every
+    logged series kept its epoch 0 and gained epoch 1. Returns (interrupted, final) checkpoints for the
+    method-specific checks."""
+    import torch
+
+    interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
+    assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
+    assert not (out / "checkpoint_final.pth").exists()
+    resumed = run_cli(list(train) + ["--c"], env)
+    assert "checkpoint_best.pth" in resumed.stdout + resumed.stderr  # nnU-Net's --c picked the interrupted state
+    final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2 and final["ssl_state"]["iteration"] == 8
+    for key, values in interrupted["logging"].items():
+        assert final["logging"][key][:1] == values[:1] and len(final["logging"][key]) == 2, key
+    return interrupted, final

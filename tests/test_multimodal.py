@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import nnunet_environment, plan_and_preprocess, run_cli, train_until_first_checkpoint
+from conftest import nnunet_environment, plan_and_preprocess, interrupt_then_resume, run_cli
 from nnunet_foundation.methods.multimodal.network import NETWORK_CLASS_NAME, MultiModalUNet
 
 TRAINER = "nnUNetTrainerMultiModalSSL_smoke"
@@ -62,14 +62,9 @@ def test_multimodal_plans_train_resume_and_predict_with_cross_modal_consistency(
 
     train = ["nnUNetv2_train", 931, "2d", 0, "-p", "nnUNetPlansMultiModal", "-tr", TRAINER, "-device", "cpu"]
     out = Path(env["nnUNet_results"]) / "Dataset931_FourModal" / f"{TRAINER}__nnUNetPlansMultiModal__2d" / "fold_0"
-    # killed after its first epoch, then nnU-Net's --c rebuilds the network from the plans and continues
-    interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
-    assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
-    run_cli(train + ["--c"], env)
-    checkpoint = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert checkpoint["current_epoch"] == 2 and checkpoint["ssl_state"]["iteration"] == 8
+    # killed after its first epoch; nnU-Net's --c rebuilds the multi-stream network from the plans and continues
+    _, checkpoint = interrupt_then_resume(train, env, out)
     log = checkpoint["logging"]
-    assert log["unsup_loss"][:1] == interrupted["logging"]["unsup_loss"][:1] and len(log["unsup_loss"]) == 2
     assert all(v > 0 for v in log["unsup_loss"]) and all(r > 0 for r in log["grad_ratio_unsup_sup"])
     assert all(0 <= a <= 1 for a in log["modality_agreement"])
     assert any(k.startswith("encoders.3.") for k in checkpoint["network_weights"])
