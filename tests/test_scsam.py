@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("segment_anything")
 
-from conftest import (SYNTHETIC_ID, copy_nnunet_tree, preprocess_unlabeled_cli, run_cli,  # noqa: E402
-                      train_until_first_checkpoint)
+from conftest import (SYNTHETIC_ID, copy_nnunet_tree, interrupt_then_resume,  # noqa: E402
+                      preprocess_unlabeled_cli, run_cli)
 from test_synfoc import load  # noqa: E402
 
 SCSAM = "nnUNetTrainerSCSAM_smoke"
@@ -86,6 +86,50 @@ def test_prompts_reach_sam_in_its_input_frame(sam_checkpoint, monkeypatch):
     assert seen["points"][..., 1].max() < 20 * scale + 1  # rows stay in the resized content, not the padding
 
 
+@pytest.mark.parametrize("image_channel", ["rgb", 1])
+@pytest.mark.parametrize("dimensions", [2, 3])
+def test_sam_sees_the_configured_channel_or_the_colour_image_slice_by_slice(sam_checkpoint, monkeypatch,
+                                                                            image_channel, dimensions):
+    """Endoscopy (SC-SAM's task) is colour: with ``image_channel: "rgb"`` SAM gets channels 0-2 of each slice as one
+    colour image, otherwise the one named channel; in 3D every slice along the slicing axis, in slice order."""
+    from nnunet_foundation.foundation.config import build_generalist
+    from nnunet_foundation.methods.scsam import prompting
+
+    generalist = prompting.add_prompt_tokens(build_generalist(
+        {"backend": "sam", "model_type": "tiny", "checkpoint": str(sam_checkpoint), "image_channel": image_channel,
+         "axis": 0, "lora_rank": 2, "train_decoder": True}), num_classes=2, num_tokens=2, channels=8).eval()
+    shape = (2, 4, 3, 20, 24) if dimensions == 3 else (2, 4, 20, 24)  # 4 channels: R, G, B and one more
+    images = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    class_map = (images[:, 0] > 0).long()
+    seen = []
+    original = generalist._to_model_input
+    monkeypatch.setattr(generalist, "_to_model_input", lambda slices, *a: seen.append(slices) or original(slices, *a))
+    with torch.no_grad():
+        logits = prompting.prompted_patch_logits(generalist, images, class_map, 2, 3)
+    assert logits.shape == (images.shape[0], 2, *images.shape[2:])
+    slices = images.unsqueeze(2) if dimensions == 2 else images  # (B, C, S, h, w), axis 0
+    expected = slices[:, :3] if image_channel == "rgb" else slices[:, image_channel]
+    expected = expected.transpose(1, 2).flatten(0, 1) if image_channel == "rgb" else expected.flatten(0, 1)
+    (got,) = seen
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_an_rgb_dataset_is_shown_to_sam_in_colour_unless_a_channel_is_set(trainer_factory, sam_checkpoint,
+                                                                           monkeypatch):
+    monkeypatch.setenv("nnUNet_ssl_generalists", tiny_generalist(sam_checkpoint))
+    t = trainer_factory(SCSAM, "2d")
+    assert t.sam_config["image_channel"] == 0  # the synthetic dataset is an MRI-like one-channel image
+    rgb = {**t.dataset_json, "channel_names": {"0": "R", "1": "G", "2": "B"}}
+    t.dataset_json = rgb
+    assert t._sam_config()["image_channel"] == "rgb"
+    # a channel the user names wins
+    monkeypatch.setenv("nnUNet_ssl_generalists", json.dumps({**json.loads(tiny_generalist(sam_checkpoint)),
+                                                              "image_channel": 2}))
+    t = trainer_factory(SCSAM, "2d")
+    t.dataset_json = rgb
+    assert t._sam_config()["image_channel"] == 2
+
+
 def test_litemedsam_is_the_default_and_takes_point_prompts(trainer_factory, monkeypatch):
     """With nothing configured the trainer co-trains the real LiteMedSAM with LoRA, a trainable prompt encoder and
     decoder and prompt tokens (points allowed here, unlike SemiSAM's frozen LiteMedSAM)."""
@@ -155,13 +199,10 @@ def test_scsam_trains_predicts_and_resumes(synthetic_dataset, sam_checkpoint, tm
     # 3d_fullres checks what differs there, SAM slice-wise in training and in predict-sam-student
     resume = configuration == "2d"
     if resume:
-        interrupted = train_until_first_checkpoint(train, env, out / "checkpoint_best.pth")
-        assert interrupted["current_epoch"] == 1 and interrupted["ssl_state"]["iteration"] == 4
-        resumed = run_cli(train + ["--c"], env)
-        assert "checkpoint_best.pth" in resumed.stdout + resumed.stderr
+        interrupted, final = interrupt_then_resume(train, env, out)
     else:
         run_cli(train, env)
-    final = load(out / "checkpoint_final.pth")
+        final = load(out / "checkpoint_final.pth")
     ssl = final["ssl_state"]
     assert final["current_epoch"] == 2 and ssl["iteration"] == 8
     assert ssl["sam_network"] == "specialist_prompted"

@@ -30,13 +30,14 @@ SAM_NETWORK_KEY = "sam_network"
 LORA_BACKENDS = ("sam", "medsam", "litemedsam")
 
 
-def resolve_cotrained_generalist(setting, owner: str, configuration_manager) -> dict:
+def resolve_cotrained_generalist(setting, owner: str, configuration_manager, implied: Optional[dict] = None) -> dict:
     """The one generalist configuration a co-training method fine-tunes, from its ``generalists`` setting (default
-    LiteMedSAM): exactly one, of a LoRA-capable backend, sliced along the plan's lowest-resolution axis in 3D."""
+    LiteMedSAM): exactly one, of a LoRA-capable backend, sliced along the plan's lowest-resolution axis in 3D.
+    ``implied``: defaults the method adds for keys the user left out (SC-SAM: colour on an RGB dataset)."""
     from nnunet_foundation.foundation.config import resolve_generalists
 
     spacing = configuration_manager.spacing if len(configuration_manager.patch_size) == 3 else None
-    (config,) = resolve_generalists(setting, owner, spacing=spacing, exactly_one=True)
+    (config,) = resolve_generalists(setting, owner, implied=implied, spacing=spacing, exactly_one=True)
     if config["backend"] not in LORA_BACKENDS:
         raise ValueError(f"{owner}: LoRA fine-tuning is implemented for the {LORA_BACKENDS} backends, not "
                          f"{config['backend']!r}")

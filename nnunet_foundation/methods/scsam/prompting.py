@@ -102,9 +102,10 @@ def add_prompt_tokens(generalist, num_classes: int, num_tokens: int = 2, channel
 
 def prompted_slice_logits(generalist, slices: torch.Tensor, class_map: torch.Tensor, num_classes: int,
                           num_points: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """SAM's ``(N, K, h, w)`` logits for ``(N, h, w)`` slices (nnU-Net intensities), prompted per class by the
-    ``(N, h, w)`` specialist argmax ``class_map`` (points) and by the learned tokens. Gradients reach the generalist's
-    adapted parts when the caller's grad mode is on; ``class_map`` carries none (it is a hard map)."""
+    """SAM's ``(N, K, h, w)`` logits for ``(N, h, w)`` slices (nnU-Net intensities; ``(N, 3, h, w)`` in colour),
+    prompted per class by the ``(N, h, w)`` specialist argmax ``class_map`` (points) and by the learned tokens.
+    Gradients reach the generalist's adapted parts when the caller's grad mode is on; ``class_map`` carries none (it
+    is a hard map)."""
     from nnunet_foundation.foundation.geometry import points_to_model, resize_from_model, upsample_low_res
     from nnunet_foundation.foundation.sam_decoding import decode_masks
 
@@ -134,19 +135,23 @@ def prompted_patch_logits(generalist, images: torch.Tensor, class_map: torch.Ten
                           num_points: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """:func:`prompted_slice_logits` on nnU-Net patches: ``(B, C, [D,] H, W)`` images and ``(B, [D,] H, W)``
     specialist argmax -> ``(B, K, [D,] H, W)`` logits, every slice along the generalist's slicing axis (2D: the
-    patch itself), input channel ``config.image_channel``."""
+    patch itself), input channel ``config.image_channel`` (``"rgb"``: channels 0-2 as one colour image)."""
+    from nnunet_foundation.foundation.config import RGB
+    from nnunet_foundation.foundation.generalist import check_inputs
     from nnunet_foundation.foundation.geometry import patch_to_slices, slices_to_patch
 
-    from nnunet_foundation.foundation.config import single_image_channel
-
-    channel = single_image_channel(generalist.config, "SC-SAM")
-    x, labels = images[:, channel:channel + 1], class_map[:, None].float()
+    channel = generalist.config.image_channel
+    channel = 0 if channel is None else channel
+    check_inputs(images, images[:, :1], channel)  # shapes, and a channel (or the 3 colour ones) the input has
+    x = images[:, :3] if channel == RGB else images[:, int(channel):int(channel) + 1]
+    labels = class_map[:, None].float()
     is_2d = images.ndim == 4
     axis = 0 if is_2d else generalist.slice_axis()
-    x, labels = (t.unsqueeze(2) if is_2d else patch_to_slices(t, axis) for t in (x, labels))  # (B, 1, S, h, w)
-    b, _, s, h, w = x.shape
-    logits = prompted_slice_logits(generalist, x.reshape(b * s, h, w), labels.reshape(b * s, h, w).long(),
-                                   num_classes, num_points, generator)
+    x, labels = (t.unsqueeze(2) if is_2d else patch_to_slices(t, axis) for t in (x, labels))  # (B, C', S, h, w)
+    b, c, s, h, w = x.shape
+    slices = x.transpose(1, 2).reshape(b * s, c, h, w)  # slice-major, like the labels
+    logits = prompted_slice_logits(generalist, slices[:, 0] if c == 1 else slices,
+                                   labels.reshape(b * s, h, w).long(), num_classes, num_points, generator)
     logits = logits.reshape(b, s, num_classes, h, w).transpose(1, 2)  # (B, K, S, h, w)
     return logits[:, :, 0] if is_2d else slices_to_patch(logits, axis)
 

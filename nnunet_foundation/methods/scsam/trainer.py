@@ -97,8 +97,12 @@ class nnUNetTrainerSCSAM(nnUNetTrainerSemiSupervised):
                           "channels": s["prompt_token_channels"] or None}
 
     def _sam_config(self) -> dict:
+        from nnunet_foundation.foundation.config import colour_defaults
+
+        # endoscopy, SC-SAM's own task, is colour: an R, G, B dataset is shown to SAM in colour, as pseudo-label and
+        # SemiSAM do, unless the setting names a channel
         config = resolve_cotrained_generalist(self.ssl_settings["generalists"], type(self).__name__,
-                                              self.configuration_manager)
+                                              self.configuration_manager, implied=colour_defaults(self.dataset_json))
         # the prompt encoder and decoder learn from SC-SAM's own prompts: the config's prompt settings are unused
         return {**config, "lora_rank": self.ssl_settings["lora_rank"], "train_decoder": True,
                 "multiclass_head": False, "num_classes": self.label_manager.num_segmentation_heads}
