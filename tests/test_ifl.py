@@ -131,6 +131,53 @@ def test_round_pseudo_label_extends_confirmed_objects_and_ignores_what_no_walk_c
     assert (moved["label"] == np.moveaxis(label, 0, 2)).all()
 
 
+def test_the_walks_of_a_cases_classes_encode_each_slice_once(monkeypatch):
+    """Two classes walking the same 6 slices ask the generalist at least 12 times; with the embedding cache (what
+    ``nnunet-foundation ifl`` turns on) the real encoder runs once per slice, and the pseudo-label is the same as
+    without it. The tiny SAM's decoder is replaced by 'the prompted box' so that the walks reach every slice."""
+    import torch
+
+    from nnunet_foundation.foundation import build_generalist
+    from nnunet_foundation.methods.ifl.propagation import PropagationSettings
+    from nnunet_foundation.methods.ifl.rounds import RoundSettings, pseudo_label_from_history
+
+    image = np.random.default_rng(0).normal(size=(1, 6, 16, 16)).astype(np.float32)
+    softmax = np.zeros((3, 6, 16, 16), np.float32)
+    softmax[0] = 1
+    softmax[:, :, 2:7, 3:12] = np.array([0.1, 0.9, 0])[:, None, None, None]  # class 1 on every slice
+    softmax[:, :, 9:14, 3:12] = np.array([0.1, 0, 0.9])[:, None, None, None]  # class 2 below it
+    settings = RoundSettings(min_confidence=0.5, propagation=PropagationSettings(margin_pixels=0, min_agreement=0))
+
+    def run(cache: bool):
+        generalist = build_generalist({"backend": "sam", "model_type": "tiny", "allow_random_init": True,
+                                       "precision": "float32", "cache_embeddings": cache}).eval()
+        encoded, decoded = [], []
+        encode = generalist.encode
+        monkeypatch.setattr(generalist, "encode", lambda x: encoded.append(x.shape[0]) or encode(x))
+
+        def box_mask(embeddings, points, labels, boxes, masks):  # low-res logits: +10 inside the box
+            decoded.append(boxes.shape[0])
+            size = 4 * generalist.sam.prompt_encoder.image_embedding_size[0]
+            scale = size / generalist.img_size
+            low = torch.full((boxes.shape[0], 1, size, size), -10.0)
+            for i, (x0, y0, x1, y1) in enumerate((boxes.reshape(-1, 4) * scale).tolist()):
+                low[i, :, int(y0):int(y1) + 1, int(x0):int(x1) + 1] = 10.0
+            return low, torch.ones(boxes.shape[0])
+
+        monkeypatch.setattr(generalist, "_decode", box_mask)
+        out = pseudo_label_from_history(image, [softmax], generalist, axis=0, channel=0, settings=settings)
+        assert generalist._slice_cache_keys is None  # nothing left behind for another caller
+        return out, sum(encoded), sum(decoded)
+
+    cached, cached_encodes, cached_decodes = run(True)
+    plain, plain_encodes, plain_decodes = run(False)
+    assert all((cached["label"][z] == c).any() for z in range(6) for c in (1, 2))  # both walks reached every slice
+    assert cached_decodes == plain_decodes >= 12  # 2 classes x 6 slices, and restarts from later key slices
+    assert plain_encodes == plain_decodes and cached_encodes == 6  # each slice once
+    for key in ("label", "probabilities", "covered"):
+        assert np.array_equal(cached[key], plain[key]), key
+
+
 def test_a_colour_polyp_like_case_is_walked_in_colour_with_the_real_litemedsam():
     """A 2d case (nnU-Net's layout (C, 1, H, W)) whose object differs from its background in hue only: IFL's walk
     with image_channel 'rgb' labels it; fed the red channel alone, the generalist cannot see it."""

@@ -209,7 +209,9 @@ def _run(args) -> int:
         print(f"== round {r}: pseudo-labels prompted by {prompting} -> {cache}", flush=True)
         if todo:
             if generalist is None:
-                generalist = build_generalist(configs[0]).to(device).eval()
+                # the walks of a case's classes revisit its slices: the frozen encoder's embeddings are cached (the
+                # same numbers, so the cache manifest's generalist is unchanged)
+                generalist = build_generalist({**configs[0], "cache_embeddings": True}).to(device).eval()
             specialist = load_specialist(dataset, prompting, args.p, args.c, [str(args.f)], "checkpoint_final.pth",
                                          device)
             try:

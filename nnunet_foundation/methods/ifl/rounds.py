@@ -101,10 +101,12 @@ def pseudo_label_from_history(image: np.ndarray, history: Sequence[np.ndarray], 
     video = video_state(generalist, volume) if starts and hasattr(generalist, "track") else None  # SAM2 video
     grid = latest.shape  # (Z, h, w)
     probabilities, reached = [], []
+    case_key = object()  # this call's slices, for the generalist's embedding cache: shared by the classes' walks
     for c in range(1, num_classes):
         if c in starts:  # each class walks on its own: no class's masks seed another's (semantic-aware memory)
-            p, r = propagate_class(generalist, volume, latest == c, starts[c], settings.propagation) if video is None \
-                else propagate_class_video(generalist, video, latest == c, starts[c], settings.propagation)
+            p, r = propagate_class(generalist, volume, latest == c, starts[c], settings.propagation, case_key) \
+                if video is None else propagate_class_video(generalist, video, latest == c, starts[c],
+                                                            settings.propagation)
         else:
             p, r = np.zeros(grid, np.float32), np.zeros(grid[0], bool)
         probabilities.append(p)
