@@ -273,6 +273,37 @@ def test_embedding_cache_reuses_encoder_outputs_of_unchanged_inputs(sam_checkpoi
     assert set(k[0] for k in tiny._embedding_cache) == {"c", "d"}
 
 
+def test_prefetched_mosaics_give_each_slice_the_logits_of_one_stitched_call(sam_checkpoint):
+    """IFL prompts a case's slices one at a time; with stitching it encodes the case's mosaics once
+    (``prefetch_stitched``) and decodes each prompt on its slice's tile: the same logits as one stitched call with
+    every prompt, and no encoder call per prompt."""
+    from nnunet_foundation.foundation.prompts import SlicePrompt
+
+    g = build(sam_checkpoint, stitch=True, precision="float32")
+    slices = torch.randn(5, 16, 12, generator=torch.Generator().manual_seed(3))
+    assert g.stitches((16, 12)) and not g.stitches((40, 40))  # 64-px tiny SAM: 4 x 4 tiles of 16 px
+    boxes = {0: [1, 2, 8, 12], 3: [4, 0, 11, 9], 4: [0, 5, 6, 15]}
+    prompts = {i: SlicePrompt(batch_index=0, class_index=1, slice_index=i, points=torch.zeros((0, 2)),
+                              labels=torch.zeros((0,), dtype=torch.long), box=torch.tensor(b, dtype=torch.float32))
+               for i, b in boxes.items()}
+    together, _, encoded = g.segment_slices(slices, list(prompts.values()), list(boxes))
+    assert encoded == 1  # one mosaic holds the 5 slices
+    calls = []
+    encode = g.encode
+    g.encode = lambda x: calls.append(x.shape[0]) or encode(x)
+    keys = [("case", z) for z in range(5)]
+    assert g.prefetch_stitched(slices, keys) == 1 and calls == [1]
+    for j, i in enumerate(boxes):
+        g._slice_cache_keys = [keys[i]]
+        alone, _, encoded = g.segment_slices(slices[i:i + 1], [prompts[i]], [0])
+        assert encoded == 0
+        torch.testing.assert_close(alone[0], together[j])
+    g._slice_cache_keys = [("other case", 0)]  # not prefetched: encoded as usual
+    assert g.segment_slices(slices[:1], [prompts[0]], [0])[2] == 1 and calls == [1, 1]
+    with pytest.raises(ValueError, match="stitch"):
+        build(sam_checkpoint).prefetch_stitched(slices, keys)
+
+
 def test_component_prompts_give_each_component_its_own_box_and_points():
     from nnunet_foundation.foundation.prompts import PromptSettings, prompts_for_slice
 

@@ -134,7 +134,7 @@ def test_round_pseudo_label_extends_confirmed_objects_and_ignores_what_no_walk_c
 def test_the_walks_of_a_cases_classes_encode_each_slice_once(monkeypatch):
     """Two classes walking the same 6 slices ask the generalist at least 12 times; with the embedding cache (what
     ``nnunet-foundation ifl`` turns on) the real encoder runs once per slice, and the pseudo-label is the same as
-    without it. The tiny SAM's decoder is replaced by 'the prompted box' so that the walks reach every slice."""
+    without it; with stitching, once per mosaic. The tiny SAM's decoder is replaced by 'the prompted box' so that the walks reach every slice."""
     import torch
 
     from nnunet_foundation.foundation import build_generalist
@@ -148,9 +148,9 @@ def test_the_walks_of_a_cases_classes_encode_each_slice_once(monkeypatch):
     softmax[:, :, 9:14, 3:12] = np.array([0.1, 0, 0.9])[:, None, None, None]  # class 2 below it
     settings = RoundSettings(min_confidence=0.5, propagation=PropagationSettings(margin_pixels=0, min_agreement=0))
 
-    def run(cache: bool):
+    def run(cache: bool, stitch: bool = False):
         generalist = build_generalist({"backend": "sam", "model_type": "tiny", "allow_random_init": True,
-                                       "precision": "float32", "cache_embeddings": cache}).eval()
+                                       "precision": "float32", "cache_embeddings": cache, "stitch": stitch}).eval()
         encoded, decoded = [], []
         encode = generalist.encode
         monkeypatch.setattr(generalist, "encode", lambda x: encoded.append(x.shape[0]) or encode(x))
@@ -176,6 +176,11 @@ def test_the_walks_of_a_cases_classes_encode_each_slice_once(monkeypatch):
     assert plain_encodes == plain_decodes and cached_encodes == 6  # each slice once
     for key in ("label", "probabilities", "covered"):
         assert np.array_equal(cached[key], plain[key]), key
+    # small slices with stitching: the case's 6 slices are encoded in one mosaic before the walks, which then only
+    # decode (4 x 4 tiles of 16 px in the tiny SAM's 64-px input)
+    stitched, stitched_encodes, stitched_decodes = run(False, stitch=True)
+    assert stitched_encodes == 1 and stitched_decodes >= 12
+    assert all((stitched["label"][z] == c).any() for z in range(6) for c in (1, 2))
 
 
 def test_a_colour_polyp_like_case_is_walked_in_colour_with_the_real_litemedsam():

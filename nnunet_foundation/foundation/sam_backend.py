@@ -104,6 +104,10 @@ class SAMGeneralist(SliceGeneralist):
         self._embedding_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
         self._cache_bytes = 0
         self.cache_hits = 0
+        # stitched mosaics encoded ahead of their prompts (prefetch_stitched): key -> (mosaic index, tile offset)
+        self._prefetched: dict = {}
+        self._prefetched_mosaics: Optional[torch.Tensor] = None
+        self._prefetched_tile = 0
 
     # ------------------------------------------------------------------------------------ image side
     def to_model_intensities(self, slices: torch.Tensor) -> torch.Tensor:
@@ -162,6 +166,28 @@ class SAMGeneralist(SliceGeneralist):
     def _stitch_grid(self, hw) -> int:
         return self.config.stitch_grid or auto_stitch_grid(hw, self.img_size)
 
+    def stitches(self, slice_hw) -> bool:
+        """Whether slices of this in-plane size are encoded in mosaics (``stitch`` on and room for 2 x 2 tiles)."""
+        return bool(self.config.stitch) and self._stitch_grid(tuple(slice_hw)) > 1
+
+    def prefetch_stitched(self, slices: torch.Tensor, keys: Sequence) -> int:
+        """Encode ``slices`` ``(N, h, w)`` (or colour ``(N, 3, h, w)``) in mosaics now, for prompts that come one
+        slice at a time later (IFL's walk decides each slice's box from the previous slice's mask): a later
+        :meth:`segment_slices` whose ``_slice_cache_keys`` are among ``keys`` decodes on its slice's tile of these
+        mosaics instead of encoding a mosaic holding that slice alone. Replaces the previous prefetch (one case at a
+        time). Returns the number of encoder images (mosaics)."""
+        if not self.stitches(slices.shape[-2:]):
+            raise ValueError("prefetch_stitched needs stitching: set 'stitch': true for slices of at most half the "
+                             "model input")
+        if len(keys) != slices.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {slices.shape[0]} slices")
+        layout = StitchLayout(slices.shape[0], self._stitch_grid(slices.shape[-2:]), self.img_size)
+        tiles, _ = self._to_model_input(slices.to(self.device), layout.tile)
+        self._prefetched_mosaics = self.encode(stitch(tiles, layout))
+        self._prefetched = {key: (layout.location(i)[0], layout.offset_xy(i)) for i, key in enumerate(keys)}
+        self._prefetched_tile = layout.tile
+        return layout.num_mosaics
+
     # ------------------------------------------------------------------------------------ prompts
     def _prompt_tensors(self, prompts: Sequence[SlicePrompt], geometry, offsets: Optional[List[Tuple[float, float]]],
                         tile_geometry=None):
@@ -207,21 +233,30 @@ class SAMGeneralist(SliceGeneralist):
                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
         h, w = slices.shape[-2:]
         index = torch.as_tensor(list(image_index), dtype=torch.long, device=self.device)
-        if self.config.stitch and self._stitch_grid((h, w)) > 1:
-            grid = self._stitch_grid((h, w))
-            layout = StitchLayout(slices.shape[0], grid, self.img_size)
-            tiles, tile_geometry = self._to_model_input(slices, layout.tile)
-            embeddings = self.encode(stitch(tiles, layout))
-            mosaic_of = [layout.location(i)[0] for i in range(slices.shape[0])]
-            offsets = [layout.offset_xy(i) for i in image_index]
+        if self.stitches((h, w)):
+            keys = self._slice_cache_keys
+            if keys is not None and all(k in self._prefetched for k in keys):  # tiles of prefetched mosaics
+                tile, encoded = self._prefetched_tile, 0
+                embeddings = self._prefetched_mosaics
+                mosaic_of = [self._prefetched[k][0] for k in keys]
+                slice_offsets = [self._prefetched[k][1] for k in keys]
+                tile_geometry = compute_resize_geometry((h, w), tile, keep_aspect=self.keep_aspect)
+            else:
+                layout = StitchLayout(slices.shape[0], self._stitch_grid((h, w)), self.img_size)
+                tile, encoded = layout.tile, layout.num_mosaics
+                tiles, tile_geometry = self._to_model_input(slices, tile)
+                embeddings = self.encode(stitch(tiles, layout))
+                mosaic_of = [layout.location(i)[0] for i in range(slices.shape[0])]
+                slice_offsets = [layout.offset_xy(i) for i in range(slices.shape[0])]
+            offsets = [slice_offsets[i] for i in image_index]
             points, labels, boxes, masks = self._prompt_tensors(prompts, None, offsets, tile_geometry)
             emb = embeddings[torch.as_tensor(mosaic_of, device=self.device)[index]]
             low_res, iou = self._decode(emb, points, labels, boxes, masks)
             full = upsample_low_res(low_res, self.img_size)
-            crops = torch.stack([full[i, :, int(o[1]):int(o[1]) + layout.tile, int(o[0]):int(o[0]) + layout.tile]
+            crops = torch.stack([full[i, :, int(o[1]):int(o[1]) + tile, int(o[0]):int(o[0]) + tile]
                                  for i, o in enumerate(offsets)])
             logits = resize_from_model(crops, tile_geometry)
-            return logits[:, 0], iou, layout.num_mosaics
+            return logits[:, 0], iou, encoded
         model_inputs, geometry = self._to_model_input(slices)
         embeddings, encoded = self.cached_encode(model_inputs)
         points, labels, boxes, masks = self._prompt_tensors(prompts, geometry, None)

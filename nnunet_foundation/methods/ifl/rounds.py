@@ -102,6 +102,10 @@ def pseudo_label_from_history(image: np.ndarray, history: Sequence[np.ndarray], 
     grid = latest.shape  # (Z, h, w)
     probabilities, reached = [], []
     case_key = object()  # this call's slices, for the generalist's embedding cache: shared by the classes' walks
+    if video is None and starts and getattr(generalist, "stitches", lambda hw: False)(volume.shape[-2:]):
+        # small slices (SFR-style stitching): the whole volume in a few mosaics now, each walk step a decoder call
+        generalist.prefetch_stitched(torch.from_numpy(np.ascontiguousarray(volume)).float(),
+                                     [(case_key, z) for z in range(volume.shape[0])])
     for c in range(1, num_classes):
         if c in starts:  # each class walks on its own: no class's masks seed another's (semantic-aware memory)
             p, r = propagate_class(generalist, volume, latest == c, starts[c], settings.propagation, case_key) \
