@@ -115,6 +115,81 @@ def test_whole_slices_are_tiled_at_the_training_scale(sam_checkpoint):
                 k += 1
 
 
+def test_colour_images_go_through_the_mosaics_as_colour_slices(sam_checkpoint):
+    """An R, G, B dataset (endoscopy) with ``image_channel: "rgb"``: slices keep their three channels from the patch
+    through the whole-slice tiling into the mosaics, in slice order, and the logits land back in place."""
+    from nnunet_foundation.foundation.config import RGB
+    from nnunet_foundation.methods.sfr.fine_tune import build_sfr_generalist, predict_case
+    from nnunet_foundation.methods.sfr.stitching import (patch_slices, stitched_patch_logits, stitched_slice_logits,
+                                                         tiled_slice_logits)
+
+    x3 = torch.randn(2, 4, 5, 7, 9)  # R, G, B and a fourth channel
+    for axis in (0, 1, 2):
+        s = patch_slices(x3, axis, RGB)
+        moved = x3[:, :3].movedim(2 + axis, 1)  # (B, S, 3, h, w)
+        assert torch.equal(s, moved.reshape(-1, 3, *moved.shape[-2:]))
+    x2 = torch.randn(3, 4, 7, 9)
+    assert torch.equal(patch_slices(x2, 0, RGB), x2[:, :3])
+
+    g = build_sfr_generalist({**tiny_config(sam_checkpoint), "image_channel": "rgb"})
+    seen = []
+    encode = g.encode
+    g.encode = lambda mosaics: seen.append(mosaics) or encode(mosaics)
+    with torch.no_grad():
+        out = stitched_patch_logits(g, x2, axis=0, channel=RGB)
+        grey = stitched_patch_logits(g, x2, axis=0, channel=0)
+    assert out.shape == (3, 2, 7, 9) and not torch.allclose(out, grey)  # the colour reached the encoder
+    # the first slice's tile, back in 0-255 units: three different channels in colour, one replicated in grey
+    mean, std = g.sam.pixel_mean.view(3, 1, 1), g.sam.pixel_std.view(3, 1, 1)
+    colour_tile, grey_tile = (m[0, :, :7, :9] * std + mean for m in seen)
+    assert not torch.allclose(colour_tile[0], colour_tile[1], atol=1.0)
+    torch.testing.assert_close(grey_tile[0], grey_tile[1], atol=1e-3, rtol=0)
+
+    slices = torch.randn(2, 3, 40, 30)  # whole colour slices, tiled at the patch size (30 -> 32 = 2 tiles of 16)
+    padded = torch.nn.functional.pad(slices, (0, 2, 0, 0), mode="replicate")
+    tiles = [padded[i, :, y:y + 20, x:x + 16] for i in range(2) for y in (0, 20) for x in (0, 16)]
+    with torch.no_grad():
+        tiled = tiled_slice_logits(g, slices, (20, 16))
+        expected = stitched_slice_logits(g, torch.stack(tiles))
+        case = predict_case(g, np.random.default_rng(0).normal(size=(4, 6, 40, 30)).astype(np.float32), 0, RGB,
+                            (20, 16))
+    assert tiled.shape == (2, 2, 40, 30) and case.shape == (2, 6, 40, 30)
+    torch.testing.assert_close(tiled[0, :, :20, :16], expected[0])
+    torch.testing.assert_close(tiled[1, :, 20:, 16:], expected[7][..., :14])
+
+
+@pytest.mark.parametrize("is_2d", [True, False])
+def test_sampler_crops_colour_slices_with_their_labels(is_2d):
+    from nnunet_foundation.foundation.config import RGB
+    from nnunet_foundation.methods.sfr.fine_tune import LabeledPatchSampler
+
+    cases = []
+    for image, label in tiny_cases():  # channel c holds 10 c + the grey image, so each channel is recognisable
+        cases.append((np.concatenate([image + 10 * c for c in range(3)]), label))
+    patch = (12, 12) if is_2d else (4, 12, 12)
+    images, labels = LabeledPatchSampler(cases, patch, 0, is_2d, RGB, 64, seed=2).sample(2)
+    assert images.ndim == 4 and images.shape[1] == 3 and labels.shape == (images.shape[0], 12, 12)
+    assert labels.dtype == torch.long and (labels == 1).any()
+    inside = labels != 255  # padding is 0 in every channel
+    for c in range(1, 3):  # the channels of one pixel stay together: G - R = 10, B - R = 20
+        assert torch.allclose((images[:, c] - images[:, 0])[inside], torch.full_like(images[:, 0][inside], 10.0 * c))
+
+
+def test_an_rgb_dataset_is_fine_tuned_in_colour_unless_a_channel_is_named(sam_checkpoint):
+    from types import SimpleNamespace
+
+    from nnunet_foundation.methods.sfr.fine_tune import sfr_generalist_config
+
+    plan = SimpleNamespace(patch_size=[64, 64], spacing=[1.0, 1.0])
+    rgb = {"channel_names": {"0": "R", "1": "G", "2": "B"}}
+    tiny = {"backend": "sam", "model_type": "tiny", "checkpoint": str(sam_checkpoint)}
+    assert sfr_generalist_config(json.dumps(tiny), "SFR", plan, 2, dataset_json=rgb)["image_channel"] == "rgb"
+    assert sfr_generalist_config(json.dumps(tiny), "SFR", plan, 2, dataset_json={"channel_names": {"0": "MRI"}}
+                                 )["image_channel"] == 0
+    named = json.dumps({**tiny, "image_channel": 1})
+    assert sfr_generalist_config(named, "SFR", plan, 2, dataset_json=rgb)["image_channel"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ fine-tuning
 def tiny_cases(n=3, seed=0):
     """Generated volumes (1, 6, 14, 18) with one bright box (label 1) each."""

@@ -106,7 +106,8 @@ def run(args) -> int:
         dataset, base, plans, entry = load_configuration(args.d, args.p, args.c)
         pm = PlansManager(plans)
         cm = pm.get_configuration(args.c)
-        label_manager = pm.get_label_manager(load_json(os.path.join(base, "dataset.json")))
+        dataset_json = load_json(os.path.join(base, "dataset.json"))
+        label_manager = pm.get_label_manager(dataset_json)
         if label_manager.has_regions:
             raise ft.SFRError("SFR's generalist predicts one class per pixel; region-based datasets "
                               "(regions_class_order) are not supported")
@@ -114,7 +115,7 @@ def run(args) -> int:
         labeled = fold_training_cases(base, preprocessed, args.f)
         unlabeled = pl.fold_unlabeled_cases(base, plans, args.c, args.f)
         config = ft.sfr_generalist_config(args.generalists, "nnunet-foundation sfr", cm,
-                                          label_manager.num_segmentation_heads, args.lora_rank)
+                                          label_manager.num_segmentation_heads, args.lora_rank, dataset_json)
         from nnunetv2.paths import nnUNet_results
 
         folder = args.output or ft.generalist_folder(os.path.join(nnUNet_results, dataset), args.p, args.c, args.f)
@@ -150,9 +151,7 @@ def run(args) -> int:
     is_2d = len(cm.patch_size) == 2
     axis = ft.slice_axis(config, is_2d)
     tile_hw = ft.in_plane(cm.patch_size, axis, is_2d)
-    from nnunet_foundation.foundation.config import single_image_channel
-
-    channel = single_image_channel(config, "nnunet-foundation sfr")
+    channel = config["image_channel"]  # an index, or "rgb" (channels 0-2 in colour)
     print(f"SFR: {dataset} {args.c}, fold {args.f}: {len(labeled)} labeled and {len(unlabeled)} unlabeled case(s); "
           f"generalist {describe_generalist(config)}; {iterations} iteration(s) per round at batch "
           f"{args.batch_size}{' (SFR+: two rounds)' if args.plus else ''} -> {folder}", flush=True)

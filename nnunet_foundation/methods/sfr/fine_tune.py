@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from nnunet_foundation.foundation.config import RGB
 from nnunet_foundation.foundation.geometry import mosaic_layout, patch_to_slices, slices_to_patch
 from nnunet_foundation.methods.sfr.stitching import IGNORE, mosaic_loss, tiled_slice_logits
 
@@ -56,12 +57,16 @@ def auto_iterations(num_labeled_cases: int) -> int:
     return int(min(MAX_AUTO_ITERATIONS, ITERATIONS_PER_CASE * max(1, num_labeled_cases)))
 
 
-def sfr_generalist_config(setting, owner: str, configuration_manager, num_classes: int, lora_rank: int = 4) -> dict:
+def sfr_generalist_config(setting, owner: str, configuration_manager, num_classes: int, lora_rank: int = 4,
+                          dataset_json: Optional[dict] = None) -> dict:
     """The one generalist SFR fine-tunes (``generalists`` setting, default LiteMedSAM) with LoRA on q/v (scaling
-    alpha / rank = 1, as the reference's LoRA adds B(A(x)) unscaled), trainable decoder and a multi-class head."""
+    alpha / rank = 1, as the reference's LoRA adds B(A(x)) unscaled), trainable decoder and a multi-class head. An
+    R, G, B dataset (``dataset_json``) is shown to it in colour unless the setting names an ``image_channel``."""
+    from nnunet_foundation.foundation.config import colour_defaults
     from nnunet_foundation.foundation.cotrained_sam import resolve_cotrained_generalist
 
-    config = resolve_cotrained_generalist(setting, owner, configuration_manager)
+    config = resolve_cotrained_generalist(setting, owner, configuration_manager,
+                                          implied=colour_defaults(dataset_json or {}))
     if len(configuration_manager.patch_size) == 2:
         config["axis"] = 0  # nnU-Net's 2d slices along the first axis
     return {**config, "image_channel": 0 if config.get("image_channel") is None else config["image_channel"],
@@ -114,7 +119,7 @@ class LabeledPatchSampler:
     labels (D, H, W))`` with :data:`IGNORE` where unknown."""
 
     def __init__(self, cases: List[Tuple[np.ndarray, np.ndarray]], patch_size: Sequence[int], axis: int,
-                 is_2d: bool, channel: int, target: int, seed: int = 0):
+                 is_2d: bool, channel, target: int, seed: int = 0):
         if not cases:
             raise SFRError("SFR fine-tuning needs at least one labeled case")
         self.cases = cases
@@ -138,7 +143,7 @@ class LabeledPatchSampler:
         """A crop of ``size`` (over the last len(size) axes of the case's (D, H, W)); padded where the case is
         smaller (image 0, label IGNORE)."""
         data, labels = self.cases[case]
-        image = data[self.channel]
+        image = data[:3] if self.channel == RGB else data[self.channel]  # (3, D, H, W) colour or (D, H, W)
         shape = image.shape[-len(size):]
         starts = []
         for d, (extent, s) in enumerate(zip(shape, size)):
@@ -150,11 +155,11 @@ class LabeledPatchSampler:
                 starts.append(self._randint(extent - s + 1))
         src = tuple(slice(max(st, 0), min(st + s, extent)) for st, s, extent in zip(starts, size, shape))
         dst = tuple(slice(max(-st, 0), max(-st, 0) + (sl.stop - sl.start)) for st, sl in zip(starts, src))
-        lead = (slice(None),) * (image.ndim - len(size))
+        lead, label_lead = (slice(None),) * (image.ndim - len(size)), (slice(None),) * (labels.ndim - len(size))
         out_image = np.zeros(image.shape[:image.ndim - len(size)] + tuple(size), dtype=np.float32)
-        out_label = np.full(out_image.shape, IGNORE, dtype=np.int64)
+        out_label = np.full(labels.shape[:labels.ndim - len(size)] + tuple(size), IGNORE, dtype=np.int64)
         out_image[lead + dst] = image[lead + src]
-        out_label[lead + dst] = labels[lead + src]
+        out_label[label_lead + dst] = labels[label_lead + src]
         return out_image, out_label
 
     def _augment(self, image: torch.Tensor, label: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +181,9 @@ class LabeledPatchSampler:
         return case, None
 
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``batch_size`` crops -> slices ``(N, h, w)`` float and labels ``(N, h, w)`` long."""
+        """``batch_size`` crops -> slices ``(N, h, w)`` float (colour: ``(N, 3, h, w)``) and labels ``(N, h, w)``
+        long."""
+        colour = self.channel == RGB
         images, labels = [], []
         for _ in range(batch_size):
             if self.is_2d:  # one mosaic of 2D patches from random slices of random cases
@@ -185,13 +192,16 @@ class LabeledPatchSampler:
                     depth = self.cases[case][1].shape[0]
                     z = int(centre[0]) if centre is not None else self._randint(depth)
                     image, label = self._crop(case, self.patch_size, None if centre is None else centre[1:])
-                    image, label = self._augment(torch.from_numpy(image[z:z + 1]), torch.from_numpy(label[z:z + 1]))
+                    image = image[:, z][None] if colour else image[z:z + 1]
+                    image, label = self._augment(torch.from_numpy(image), torch.from_numpy(label[z:z + 1]))
                     images.append(image)
                     labels.append(label)
             else:
                 case, centre = self._pick()
                 image, label = self._crop(case, self.patch_size, centre)
-                image = patch_to_slices(torch.from_numpy(image)[None, None], self.axis)[0, 0]
+                image = torch.from_numpy(image)[None] if colour else torch.from_numpy(image)[None, None]
+                image = patch_to_slices(image, self.axis)[0].transpose(0, 1)  # (S, C', h, w)
+                image = image if colour else image[:, 0]
                 label = patch_to_slices(torch.from_numpy(label)[None, None], self.axis)[0, 0]
                 image, label = self._augment(image, label)
                 images.append(image)
@@ -270,11 +280,14 @@ def _duration(seconds: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ prediction
 @torch.no_grad()
-def predict_case(generalist, data: np.ndarray, axis: int, channel: int, tile_hw: Sequence[int]) -> torch.Tensor:
+def predict_case(generalist, data: np.ndarray, axis: int, channel, tile_hw: Sequence[int]) -> torch.Tensor:
     """A preprocessed case ``(C, D, H, W)`` -> the generalist's softmax ``(K, D, H, W)``: every slice along
-    ``axis``, in tiles of the training patch's in-plane size, through mosaics."""
-    image = torch.from_numpy(np.array(data[channel], dtype=np.float32))  # a copy: the case may be a read-only map
-    slices = patch_to_slices(image[None, None], axis)[0, 0]  # (S, h, w)
+    ``axis``, in tiles of the training patch's in-plane size, through mosaics (``channel="rgb"``: in colour)."""
+    colour = channel == RGB
+    # a copy: the case may be a read-only map
+    image = torch.from_numpy(np.array(data[:3] if colour else data[channel][None], dtype=np.float32))
+    slices = patch_to_slices(image[None], axis)[0].transpose(0, 1)  # (S, C', h, w)
+    slices = slices if colour else slices[:, 0]
     probs = torch.softmax(tiled_slice_logits(generalist, slices, tile_hw).float(), 1)  # (S, K, h, w)
     return slices_to_patch(probs.transpose(0, 1)[None], axis)[0]
 

@@ -138,10 +138,9 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
         from nnunet_foundation.methods.sfr.stitching import stitched_patch_logits
 
         self.generalist.train(False)
-        from nnunet_foundation.foundation.config import single_image_channel
-
-        channel = single_image_channel(self.generalist.config, "SFR's patch segmentation")
-        return stitched_patch_logits(self.generalist, x.float(), self.sfr_axis, channel).argmax(1)
+        # the channel (or "rgb") the generalist was fine-tuned on
+        return stitched_patch_logits(self.generalist, x.float(), self.sfr_axis,
+                                     self.generalist.config.image_channel).argmax(1)
 
     def unsupervised_loss(self, student_out_u, unlabeled):
         loss, logs = super().unsupervised_loss(student_out_u, unlabeled)
