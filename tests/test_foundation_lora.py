@@ -204,6 +204,25 @@ def test_multiclass_head_shapes_and_initialisation(sam_checkpoint):
     assert {n.split(".")[0] for n, p in g.named_parameters() if p.requires_grad} == {"multiclass_head"}
 
 
+def test_multiclass_head_segments_colour_patches_slice_by_slice(sam_checkpoint):
+    """SynFoC's and SFR's head with ``image_channel: "rgb"``: each slice of the patch reaches the encoder as one
+    colour image (channels 0-2), in slice order; a channel index feeds that channel alone."""
+    g = build(sam_checkpoint, multiclass_head=True, num_classes=K, image_channel="rgb", axis=0)
+    x = torch.randn(B, 4, D, H, W, generator=torch.Generator().manual_seed(2))  # R, G, B and one more channel
+    head = g.multiclass_head
+    patches = head.segment_patches(g, x)
+    assert patches.shape == (B, K, D, H, W)
+    slices = x[:, :3].transpose(1, 2).reshape(B * D, 3, H, W)  # slice-major colour slices
+    torch.testing.assert_close(patches.transpose(1, 2).reshape(B * D, K, H, W), head.segment(g, slices),
+                               rtol=1e-5, atol=1e-5)
+    grey = build(sam_checkpoint, multiclass_head=True, num_classes=K, image_channel=1, axis=0)
+    grey.multiclass_head.load_state_dict(head.state_dict())
+    torch.testing.assert_close(grey.multiclass_head.segment_patches(grey, x)[:, :, 2],
+                               head.segment(grey, x[:, 1, 2]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rgb"):
+        head.segment_patches(g, x[:, :2])  # two channels are not a colour image
+
+
 # -------------------------------------------------------------------------------------------- checkpoints
 def test_adaptable_state_dict_round_trip_and_mismatch(sam_checkpoint):
     g = build(sam_checkpoint, **ADAPTED)

@@ -161,6 +161,20 @@ def test_synfoc_generalist_errors_come_early(trainer_factory, monkeypatch, tmp_p
         trainer_factory(SYNFOC)
 
 
+def test_an_rgb_dataset_is_shown_to_synfocs_sam_in_colour(trainer_factory, sam_checkpoint, monkeypatch):
+    tiny = {"backend": "sam", "model_type": "tiny", "checkpoint": str(sam_checkpoint)}
+    monkeypatch.setenv("nnUNet_ssl_generalists", json.dumps(tiny))
+    t = trainer_factory(SYNFOC, "2d")
+    assert t.sam_config["image_channel"] == 0  # the synthetic MRI-like dataset
+    rgb = {**t.dataset_json, "channel_names": {"0": "R", "1": "G", "2": "B"}}
+    t.dataset_json = rgb
+    assert t._sam_config()["image_channel"] == "rgb"
+    monkeypatch.setenv("nnUNet_ssl_generalists", json.dumps({**tiny, "image_channel": 2}))
+    t = trainer_factory(SYNFOC, "2d")
+    t.dataset_json = rgb
+    assert t._sam_config()["image_channel"] == 2  # a channel the user names wins
+
+
 @pytest.mark.parametrize("generalist", ["tiny sam, 3d_fullres", "default (LiteMedSAM), 2d"])
 def test_training_steps_change_only_sams_adapted_tensors(trainer_factory, sam_checkpoint, monkeypatch, generalist):
     """Through the trainer's own steps: every frozen SAM tensor (image encoder weights, and the SAM teacher's copy) is

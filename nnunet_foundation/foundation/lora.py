@@ -241,7 +241,8 @@ class MultiClassMaskHead(nn.Module):
         return torch.no_grad()
 
     def segment(self, generalist, slices: torch.Tensor) -> torch.Tensor:
-        """``(N, h, w)`` nnU-Net intensities -> ``(N, num_classes, h, w)`` logits at slice resolution.
+        """``(N, h, w)`` nnU-Net intensities (or colour slices ``(N, 3, h, w)``) -> ``(N, num_classes, h, w)``
+        logits at slice resolution.
 
         Uses the generalist's intensity mapping and resize (``_to_model_input``), its image encoder (with LoRA) and
         its prompt encoder. Runs with gradients (to the LoRA, head and, with ``train_decoder``, prompt-encoder
@@ -249,8 +250,9 @@ class MultiClassMaskHead(nn.Module):
         """
         from nnunet_foundation.foundation.geometry import resize_from_model, upsample_low_res
 
-        if slices.ndim != 3:
-            raise ValueError(f"expected slices (N, h, w), got shape {tuple(slices.shape)}")
+        if not (slices.ndim == 3 or (slices.ndim == 4 and slices.shape[1] == 3)):
+            raise ValueError(f"expected slices (N, h, w) or colour slices (N, 3, h, w), got shape "
+                             f"{tuple(slices.shape)}")
         with self._grad_context(generalist):
             model_inputs, geometry = generalist._to_model_input(slices.to(generalist.device))
             embeddings = generalist.encode(model_inputs)
@@ -260,20 +262,24 @@ class MultiClassMaskHead(nn.Module):
 
     def segment_patches(self, generalist, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, [D,] H, W)`` patches -> ``(B, num_classes, [D,] H, W)`` logits, every slice along the
-        generalist's slicing axis (``config.image_channel`` is the input channel)."""
+        generalist's slicing axis (``config.image_channel`` is the input channel, ``"rgb"``: channels 0-2 as one
+        colour image)."""
+        from nnunet_foundation.foundation.config import RGB
         from nnunet_foundation.foundation.geometry import patch_to_slices, slices_to_patch
 
         if images.ndim not in (4, 5):
             raise ValueError(f"expected images (B, C, [D,] H, W), got shape {tuple(images.shape)}")
-        from nnunet_foundation.foundation.config import single_image_channel
+        from nnunet_foundation.foundation.generalist import check_inputs
 
-        channel = single_image_channel(generalist.config, "the multi-class head (SFR, SynFoC)")
-        x = images[:, channel:channel + 1]
+        channel = generalist.config.image_channel
+        check_inputs(images, images[:, :1], channel)  # a channel (or the 3 colour ones) the input has
+        x = images[:, :3] if channel == RGB else images[:, int(channel):int(channel) + 1]
         is_2d = images.ndim == 4
         axis = 0 if is_2d else generalist.slice_axis()
-        x = x.unsqueeze(2) if is_2d else patch_to_slices(x, axis)  # (B, 1, S, h, w)
-        b, _, s, h, w = x.shape
-        logits = self.segment(generalist, x.reshape(b * s, h, w))  # (B*S, K, h, w)
+        x = x.unsqueeze(2) if is_2d else patch_to_slices(x, axis)  # (B, C', S, h, w)
+        b, c, s, h, w = x.shape
+        slices = x.transpose(1, 2).reshape(b * s, c, h, w)  # slice-major
+        logits = self.segment(generalist, slices if c == 3 else slices[:, 0])  # (B*S, K, h, w)
         logits = logits.reshape(b, s, self.num_classes, h, w).transpose(1, 2)  # (B, K, S, h, w)
         return logits[:, :, 0] if is_2d else slices_to_patch(logits, axis)
 

@@ -70,8 +70,11 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
         rank = self.ssl_settings["lora_rank"]
         adapted = {"lora_rank": rank, "lora_alpha": float(rank), "train_decoder": True, "multiclass_head": True,
                    "num_classes": self.label_manager.num_segmentation_heads}
+        from nnunet_foundation.foundation.config import colour_defaults
+
+        # an R, G, B dataset (fundus, endoscopy) is shown to SAM in colour unless the setting names a channel
         config = resolve_cotrained_generalist(self.ssl_settings["generalists"], type(self).__name__,
-                                              self.configuration_manager)
+                                              self.configuration_manager, implied=colour_defaults(self.dataset_json))
         return {**config, **adapted}
 
     # --------------------------------------------------------------------------------------------- modules
