@@ -12,6 +12,10 @@ scored; a case where both the cache and the label are empty on the scored voxels
 Reads ``$nnUNet_preprocessed/<dataset>/<data identifier>_pseudo_labels/<name>/`` and the preprocessed labels beside
 it; domains from the raw dataset's ``domains.json`` (``convert-2d``) when ``$nnUNet_raw`` has one. Prints a markdown
 table; ``--json FILE`` also writes the per-case numbers.
+
+``--specialist-softmax FOLDER`` (an IFL round's ``round<r>/softmax`` folder: the prompting nnU-Net's softmax per
+case) adds the prompting model's own Dice, on the voxels the cache scores and on all voxels: whether the generalist's
+labels are better than what the model they would teach already predicts.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("--name", required=True, help="cache name (pseudo-label's --name) or cache folder")
     p.add_argument("--json", help="write per-case Dice and the summary to this file")
+    p.add_argument("--specialist-softmax", help="folder of the prompting nnU-Net's softmax per case (<case>.npz, "
+                                                "IFL's round<r>/softmax): scored beside the cache")
     args = p.parse_args(argv)
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -69,30 +75,54 @@ def main(argv=None) -> int:
     preprocessed = os.path.join(base, data_identifier)
     data = infer_dataset_class(preprocessed)(preprocessed)
     cases = sorted(f[:-len(".npz")] for f in os.listdir(folder) if f.endswith(".npz"))
-    per_case = {}
+    if args.specialist_softmax:
+        from nnunet_foundation.methods.ifl.rounds import load_softmax
+
+        cases = [c for c in cases if os.path.isfile(os.path.join(args.specialist_softmax, f"{c}.npz"))]
+    per_case, specialist_same, specialist_all = {}, {}, {}
     for index, case in enumerate(cases, 1):
         _, truth, _, _ = data.load_case(case)
         label = load_case(folder, case)["label"]
-        per_case[case] = case_dice(label, np.asarray(truth[0]).reshape(label.shape), classes, ignore_value)
+        truth = np.asarray(truth[0]).reshape(label.shape)
+        per_case[case] = case_dice(label, truth, classes, ignore_value)
+        if args.specialist_softmax:
+            predicted = load_softmax(os.path.join(args.specialist_softmax, f"{case}.npz")).argmax(0)
+            specialist_all[case] = case_dice(predicted, truth, classes, ignore_value)
+            scored = np.where(label != ignore_value, predicted, ignore_value)  # the cache's voxels only
+            specialist_same[case] = case_dice(scored, truth, classes, ignore_value)
         if index % 200 == 0:
             print(f"  {index}/{len(cases)} cases scored", file=sys.stderr, flush=True)
 
-    groups = {}
-    for case, dice in per_case.items():
-        groups.setdefault(domain_of.get(case, "all cases"), []).append(dice)
-    if len(groups) > 1:
-        groups["all cases"] = list(per_case.values())
-    summary = {g: {"cases": len(v), "mean": float(np.mean(v)), "median": float(np.median(v)),
-                   "fraction_below_0.1": float(np.mean(np.array(v) < 0.1))} for g, v in groups.items()}
+    def summarise(values: dict) -> dict:
+        groups = {}
+        for case, dice in values.items():
+            groups.setdefault(domain_of.get(case, "all cases"), []).append(dice)
+        if len(groups) > 1:
+            groups["all cases"] = list(values.values())
+        return {g: {"cases": len(v), "mean": float(np.mean(v)), "median": float(np.median(v)),
+                    "fraction_below_0.1": float(np.mean(np.array(v) < 0.1))} for g, v in groups.items()}
+
+    summary = summarise(per_case)
     specialist = manifest.get("specialist", {})
     print(f"Pseudo-label cache {folder}\n(prompted by {specialist.get('trainer')} fold {specialist.get('fold')}; "
           f"generalist {manifest.get('generalist', {}).get('backend')})\n")
-    print("| cases | n | mean Dice | median | Dice < 0.1 |\n|---|---|---|---|---|")
-    for g, s in summary.items():
-        print(f"| {g} | {s['cases']} | {s['mean']:.3f} | {s['median']:.3f} | {s['fraction_below_0.1']:.0%} |")
+    if args.specialist_softmax:
+        same, every = summarise(specialist_same), summarise(specialist_all)
+        print("| cases | n | cache: mean Dice | prompting nnU-Net, same voxels | prompting nnU-Net, all voxels |\n"
+              "|---|---|---|---|---|")
+        for g, s in summary.items():
+            print(f"| {g} | {s['cases']} | {s['mean']:.3f} | {same[g]['mean']:.3f} | {every[g]['mean']:.3f} |")
+    else:
+        print("| cases | n | mean Dice | median | Dice < 0.1 |\n|---|---|---|---|---|")
+        for g, s in summary.items():
+            print(f"| {g} | {s['cases']} | {s['mean']:.3f} | {s['median']:.3f} | {s['fraction_below_0.1']:.0%} |")
     if args.json:
+        out = {"cache": folder, "manifest": manifest, "summary": summary, "per_case": per_case}
+        if args.specialist_softmax:
+            out.update(specialist_softmax=args.specialist_softmax, specialist_same_voxels=specialist_same,
+                       specialist_all_voxels=specialist_all)
         with open(args.json, "w") as f:
-            json.dump({"cache": folder, "manifest": manifest, "summary": summary, "per_case": per_case}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 
