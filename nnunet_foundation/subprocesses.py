@@ -56,6 +56,7 @@ def run_logged(cmd: List[str], env: Dict[str, str], log_file: Path,
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
+            log.flush()  # someone tailing the log of an hour-long pre-stage sees its progress as it comes
             if show is not None and show(line):
                 print(indent + line.strip(), flush=True)
         returncode = proc.wait()

@@ -310,3 +310,24 @@ def test_check_reports_what_a_run_would_trip_over_and_changes_nothing(tree):
     assert "'train' lists ['synthetic_000'] more than once" in report
     assert "['synthetic_002'] are in both 'train' and 'unlabeled'" in report
     assert (tree_digest(pre), tree_digest(raw)) == before
+
+
+def test_a_logged_command_shows_its_progress_in_the_log_while_it_runs(tmp_path):
+    """The benchmark's pre-stages (SFR fine-tuning, IFL rounds) run for an hour: their log must show each line as it
+    comes, not when the command ends. The command here prints a line, then exits 0 only if it can read that line
+    back from its own log while it is still running."""
+    from nnunet_foundation.subprocesses import run_logged
+
+    log = tmp_path / "stage.log"
+    # the marker is computed by the child: the log's '$ command' header holds the child's source, not the marker
+    child = ("import sys, time, pathlib\n"
+             "marker = 'SFR fine-tuning: iteration ' + str(5 * 2) + '/300'\n"
+             "print(marker, flush=True)\n"
+             f"log = pathlib.Path({str(log)!r})\n"
+             "for _ in range(100):\n"
+             "    if marker in log.read_text():\n"
+             "        sys.exit(0)\n"
+             "    time.sleep(0.05)\n"
+             "sys.exit(3)\n")
+    run_logged([sys.executable, "-c", child], dict(os.environ), log)
+    assert "iteration 10/300" in log.read_text()
