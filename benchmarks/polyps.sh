@@ -38,13 +38,16 @@
 # time" table shows the real seconds per epoch after the first runs.
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
-# (default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain - issue 19's mixed-domain method,
+# ("" for none; default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain - issue 19's mixed-domain method,
 # never told the domains; add nnUNetTrainerIFLRound1 nnUNetTrainerIFLRound2 for IFL's rounds: round r's LiteMedSAM
 # labels prompted by round r-1's model, each round about 15 min of labels + one training; round 1 is self-training
 # warm-started from the labeled-only model), CACHED_TRAINERS those trained from the LiteMedSAM cache
 # (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining; add nnUNetTrainerSemiSAMMixedDomain for the SemiSAM term on
 # MixedDomain, as in docs/benchmarks/polyps_cpu), PSEUDO_LABEL_GENERALIST that cache's generalist
-# (JSON; default LiteMedSAM), MAX_SIZE the image size, NNUNET_NP the worker processes.
+# (JSON; default LiteMedSAM), PRESTAGE_OPTIONS one item of the benchmark's --prestage-options (e.g.
+# 'nnUNetTrainerSFR=--iterations 300' with CACHED_TRAINERS=nnUNetTrainerSFR), MAX_SIZE the image size, NNUNET_NP the
+# worker processes. RUNS="RUN_ID ..." makes only those runs, in order, then the report of what has finished (the
+# partial CPU studies in docs/benchmarks/polyps_* name theirs).
 set -euo pipefail
 DEVICE=${1:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 BUDGET=${2:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
@@ -52,7 +55,7 @@ OUTPUT=${3:?usage: polyps.sh DEVICE BUDGET OUTPUT [PARALLEL_JOBS]}
 JOBS=${4:-1}
 DATA=${POLYPS_DATA:-$(dirname "$0")/../../shared/data/Polyps}
 MAX_SIZE=${MAX_SIZE:-128}
-TRAINERS=${TRAINERS:-nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain}
+TRAINERS=${TRAINERS-nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain}
 CACHED_TRAINERS=${CACHED_TRAINERS-nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining}
 # SemiSAM from a cache made once: the labels stay as good as they were, so they weigh fully for the whole run
 export nnUNet_ssl_sam_loss=${nnUNet_ssl_sam_loss:-ce} nnUNet_ssl_sam_weight=${nnUNet_ssl_sam_weight:-1} \
@@ -71,6 +74,7 @@ if [ -n "$CACHED_TRAINERS" ]; then
     ARGS+=(--cached-trainers $CACHED_TRAINERS)
 fi
 [ "${GENERALIST_ROW:-1}" != 0 ] && ARGS+=(--generalist-row)
+[ -n "${PRESTAGE_OPTIONS:-}" ] && ARGS+=(--prestage-options "$PRESTAGE_OPTIONS")
 if [ -n "$CACHED_TRAINERS" ] || [ "${GENERALIST_ROW:-1}" != 0 ]; then
     [ -n "${PSEUDO_LABEL_GENERALIST:-}" ] && ARGS+=(--pseudo-label-generalist "$PSEUDO_LABEL_GENERALIST")
 fi
@@ -88,6 +92,15 @@ fi
 echo "== [$(elapsed)] benchmark: splits, held-out test data, one job line per unfinished run"
 JOBFILE="${OUTPUT%/}.jobs.sh"  # beside OUTPUT: the benchmark only adopts an empty or its own folder
 nnunet-foundation benchmark "${ARGS[@]}" --print-commands > "$JOBFILE"
+if [ -n "${RUNS:-}" ]; then
+    for RUN in $RUNS; do
+        echo "== [$(elapsed)] run $RUN (log: $OUTPUT/logs)"
+        nnunet-foundation benchmark "${ARGS[@]}" --run "$RUN"
+    done
+    nnunet-foundation benchmark "${ARGS[@]}" --report-only
+    echo "== [$(elapsed)] done: $OUTPUT/report.md"
+    exit
+fi
 if [ "$JOBS" -gt 1 ]; then
     echo "== [$(elapsed)] $(grep -c -- ' --run ' "$JOBFILE" || true) runs, $JOBS at a time (logs in $OUTPUT/logs)"
     # the cached and generalist rows wait for their fold's labeled-only model: the sequential call below runs them
