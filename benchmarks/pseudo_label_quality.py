@@ -104,8 +104,12 @@ def main(argv=None) -> int:
 
     summary = summarise(per_case)
     specialist = manifest.get("specialist", {})
-    print(f"Pseudo-label cache {folder}\n(prompted by {specialist.get('trainer')} fold {specialist.get('fold')}; "
-          f"generalist {manifest.get('generalist', {}).get('backend')})\n")
+    if "sfr_generalist" in manifest:  # SFR's cache: a fine-tuned generalist segments prompt-free
+        source = f"prompt-free, by SFR's fine-tuned generalist {manifest['sfr_generalist']}"
+    else:
+        source = (f"prompted by {specialist.get('trainer')} fold {specialist.get('fold')}; "
+                  f"generalist {manifest.get('generalist', {}).get('backend')}")
+    print(f"Pseudo-label cache {folder}\n({source})\n")
     if args.specialist_softmax:
         same, every = summarise(specialist_same), summarise(specialist_all)
         print("| cases | n | cache: mean Dice | prompting nnU-Net, same voxels | prompting nnU-Net, all voxels |\n"
