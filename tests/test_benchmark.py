@@ -490,6 +490,8 @@ def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_label
     assert "sam_loss" in run["training"]["curves"]
     report = (benchmark["out"] / "report.md").read_text()
     assert "nnUNetTrainerSemiSAM_smoke (semi-supervised, generalist labels prompted by the labeled-only model)" in report
+    trainers_line = next(line for line in report.splitlines() if line.startswith("- **Trainers**"))
+    assert "`nnUNetTrainerSemiSAM_smoke` (offline generalist labels)" in trainers_line
     assert "gap closed" in report.lower() and results["gap_closed"]["nnUNetTrainerSemiSAM_smoke"]["2"]
     # the generalist alone, prompted by fold 0's labeled-only model: scored on the test set, nothing trained for it
     alone = next(r for r in results["runs"] if r["run"]["run_id"] == f"labeled-2_seed-0_{BASELINE}+generalist")

@@ -171,6 +171,7 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
         "labeled": list(s.labeled),
         "trainers": {"lower_bound": s.trainer_class(s.baseline_trainer),
                      "semi_supervised": [s.trainer_class(t) for t in s.trainers],
+                     "cached": [s.trainer_class(t) for t in s.cached_trainers],
                      "upper_bound": s.trainer_class(s.baseline_trainer),
                      "exported_model": exported},
         "num_val": s.num_val,
@@ -252,7 +253,9 @@ def render_markdown(data: dict, plots: List[str]) -> str:
              f"- **Budget** `{b['name']}`: {b['description']} — {b['total_iterations']} iterations, the same for "
              f"every run.",
              f"- **Trainers**: `{data['trainers']['lower_bound']}` on the labeled cases only (lower bound), "
-             + ", ".join(f"`{t}`" for t in data["trainers"]["semi_supervised"])
+             # the cached rows too (a report of SFR's rows alone listed no semi-supervised trainer at all)
+             + ", ".join([f"`{t}`" for t in data["trainers"]["semi_supervised"]]
+                         + [f"`{t}` (offline generalist labels)" for t in data["trainers"].get("cached", [])])
              + " with the same labeled cases plus the fold's unlabeled ones"
              + (f" and {data['num_unlabeled_extra']} imagesUnlabeled scans" if data["num_unlabeled_extra"] else "")
              + f", and `{data['trainers']['upper_bound']}` with every non-test, non-validation case labeled (upper "
