@@ -11,7 +11,8 @@
 # 'nnUNetTrainerSFR=--iterations 300'. RUN names the runs to make, in order (default: every run of the study);
 # with none left to make, the report is written. GENERALIST sets the cache's generalist (JSON; default
 # LiteMedSAM). Needs nnUNet_raw / nnUNet_preprocessed / nnUNet_results exported and Dataset004_Hippocampus converted
-# and planned for 2d (CONFIGURATION=2d bash benchmarks/hippocampus.sh does both). Finished runs are skipped, a killed one resumes.
+# and planned for 2d (CONFIGURATION=2d bash benchmarks/hippocampus.sh does both). Finished runs are skipped, a killed
+# one resumes.
 set -euo pipefail
 OUTPUT=${1:?usage: hippocampus_rows.sh OUTPUT [RUN ...]}
 shift
