@@ -25,6 +25,9 @@ JOBS=${4:-1}
 MSD=${HIPPOCAMPUS_MSD:-$(dirname "$0")/../../shared/data/Task04_Hippocampus}
 CONFIGURATION=${CONFIGURATION:-3d_fullres}
 NP=${NNUNET_NP:-$(( $(nproc) > 8 ? 8 : $(nproc) ))}
+PLAN_NP=$(( NP > 0 ? NP : 1 ))  # NNUNET_NP=0 (no augmentation workers) is fine for training, not for preprocessing
+preprocessed_cases() { find "$1" -maxdepth 1 -name '*.pkl' 2>/dev/null | wc -l; }
+training_cases() { python -c 'import json, sys; print(json.load(open(sys.argv[1] + "/dataset.json"))["numTraining"])' "$1"; }
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 
 # The benchmark's settings: two labeled counts, one seed, Mean Teacher and CPS against both bounds, 40 held-out
@@ -35,11 +38,12 @@ ARGS=(-d 4 -c "$CONFIGURATION" --labeled 2 4 --seeds 0 --num-val 4 --test-cases 
 
 if [ ! -f "$nnUNet_raw/Dataset004_Hippocampus/dataset.json" ]; then
     echo "== converting $MSD into $nnUNet_raw/Dataset004_Hippocampus"
-    nnUNetv2_convert_MSD_dataset -i "$MSD" -np "$NP"
+    nnUNetv2_convert_MSD_dataset -i "$MSD" -np "$PLAN_NP"
 fi
-if [ ! -d "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_$CONFIGURATION" ]; then
+# an interrupted preprocessing leaves the folder with fewer cases than dataset.json: preprocess again
+if [ "$(preprocessed_cases "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_$CONFIGURATION")" -lt "$(training_cases "$nnUNet_raw/Dataset004_Hippocampus")" ]; then
     echo "== planning and preprocessing ($CONFIGURATION)"
-    nnUNetv2_plan_and_preprocess -d 4 -c "$CONFIGURATION" -np "$NP"
+    nnUNetv2_plan_and_preprocess -d 4 -c "$CONFIGURATION" -np "$PLAN_NP"
 fi
 
 # Prepare once (splits, held-out test data) and write one job line per unfinished run.

@@ -61,6 +61,9 @@ CACHED_TRAINERS=${CACHED_TRAINERS-nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining
 export nnUNet_ssl_sam_loss=${nnUNet_ssl_sam_loss:-ce} nnUNet_ssl_sam_weight=${nnUNet_ssl_sam_weight:-1} \
     nnUNet_ssl_sam_decay=${nnUNet_ssl_sam_decay:-0} nnUNet_ssl_sam_all_scales=${nnUNet_ssl_sam_all_scales:-true}
 NP=${NNUNET_NP:-$(( $(nproc) > 8 ? 8 : $(nproc) ))}
+PLAN_NP=$(( NP > 0 ? NP : 1 ))  # NNUNET_NP=0 (no augmentation workers) is fine for training, not for preprocessing
+preprocessed_cases() { find "$1" -maxdepth 1 -name '*.pkl' 2>/dev/null | wc -l; }
+training_cases() { python -c 'import json, sys; print(json.load(open(sys.argv[1] + "/dataset.json"))["numTraining"])' "$1"; }
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 START=$(date +%s)
 elapsed() { local s=$(( $(date +%s) - START )); printf '%d:%02d:%02d' $((s / 3600)) $((s / 60 % 60)) $((s % 60)); }
@@ -84,9 +87,10 @@ nnunet-foundation convert-2d -d 150 --name Polyps --label-name polyp --max-size 
     --source "kvasir=$DATA/Kvasir-SEG/images:$DATA/Kvasir-SEG/masks" \
     --source "cvc=$DATA/CVC-ClinicDB/images:$DATA/CVC-ClinicDB/masks" --groups cvc=cvc-clinicdb \
     --licence "research and education only; cite Jha et al. 2020 (Kvasir-SEG) and Bernal et al. 2015 (CVC-ClinicDB)"
-if [ ! -d "$nnUNet_preprocessed/Dataset150_Polyps/nnUNetPlans_2d" ]; then
+# an interrupted preprocessing leaves the folder with fewer cases than dataset.json: preprocess again
+if [ "$(preprocessed_cases "$nnUNet_preprocessed/Dataset150_Polyps/nnUNetPlans_2d")" -lt "$(training_cases "$nnUNet_raw/Dataset150_Polyps")" ]; then
     echo "== [$(elapsed)] planning and preprocessing (2d)"
-    nnUNetv2_plan_and_preprocess -d 150 -c 2d -np "$NP"
+    nnUNetv2_plan_and_preprocess -d 150 -c 2d -np "$PLAN_NP"
 fi
 
 echo "== [$(elapsed)] benchmark: splits, held-out test data, one job line per unfinished run"
