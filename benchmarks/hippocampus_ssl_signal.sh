@@ -9,7 +9,10 @@
 # 2. the Mean Teacher weight sweep on fold 0 (2 labeled cases), scored on the fold's 4 VALIDATION cases only (never
 #    the test set): unsup_weight in $MT_WEIGHTS (default "5 1") with the ramp-up ending at 30% of training, each a
 #    separate nnU-Net results folder under OUTPUT/sweep (the benchmark's labeled-only run of that fold gives the
-#    validation Dice to beat).
+#    validation Dice to beat);
+# 3. the UniMatch confidence-threshold sweep on the same fold and validation cases: confidence_threshold in
+#    $UNIMATCH_THRESHOLDS (default none; e.g. "0.8 0.7"). At 0.95 no foreground voxel was confident before t/T = 0.55
+#    (docs/benchmarks/hippocampus_cpu2d_ssl/README.md), so the term taught background only for half of training.
 #
 # Needs nnUNet_raw / nnUNet_preprocessed / nnUNet_results exported and Dataset004_Hippocampus converted and planned
 # for 2d (benchmarks/hippocampus.sh does both). Finished runs are skipped, so the same command continues.
@@ -17,6 +20,7 @@ set -euo pipefail
 OUTPUT=${1:?usage: hippocampus_ssl_signal.sh OUTPUT}
 TRAINERS=${TRAINERS:-nnUNetTrainerUniMatch}
 MT_WEIGHTS=${MT_WEIGHTS-5 1}
+UNIMATCH_THRESHOLDS=${UNIMATCH_THRESHOLDS-}
 NP=${NNUNET_NP:-2}
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
@@ -27,15 +31,23 @@ ARGS=(-d 4 -c 2d --labeled 2 4 --seeds 0 --num-val 4 --test-cases 40 --test-seed
 echo "== benchmark (report: $OUTPUT/bench/report.md)"
 nnunet-foundation benchmark "${ARGS[@]}"
 
-for weight in $MT_WEIGHTS; do
-    folder="$OUTPUT/sweep/mt_w${weight}_r0.3"
-    summary="$folder/Dataset004_Hippocampus/nnUNetTrainerMeanTeacher_cpu2d__nnUNetPlans__2d/fold_0/validation/summary.json"
+# one validation run of fold 0: LABEL, TRAINER, then the nnUNet_ssl_* settings that define it
+sweep_run() {
+    local label=$1 trainer=$2; shift 2
+    local folder="$OUTPUT/sweep/$label"
+    local summary="$folder/Dataset004_Hippocampus/${trainer}__nnUNetPlans__2d/fold_0/validation/summary.json"
     if [ ! -f "$summary" ]; then
-        echo "== Mean Teacher, unsup_weight $weight, ramp-up 0.3, fold 0 (log: $folder.log)"
+        echo "== $label: $trainer with $*, fold 0 (log: $folder.log)"
         mkdir -p "$folder"
-        nnUNet_results="$folder" nnUNet_ssl_unsup_weight="$weight" nnUNet_ssl_rampup_length=0.3 \
-            nnUNetv2_train 4 2d 0 -tr nnUNetTrainerMeanTeacher_cpu2d -device cpu > "$folder.log" 2>&1
+        env nnUNet_results="$folder" "$@" nnUNetv2_train 4 2d 0 -tr "$trainer" -device cpu > "$folder.log" 2>&1
     fi
-    python -c "import json,sys; print('validation Dice (fold 0, 4 cases), Mean Teacher weight $weight:',
+    python -c "import json,sys; print('validation Dice (fold 0, 4 cases), $label:',
 round(json.load(open(sys.argv[1]))['foreground_mean']['Dice'], 4))" "$summary"
+}
+for weight in $MT_WEIGHTS; do
+    sweep_run "mt_w${weight}_r0.3" nnUNetTrainerMeanTeacher_cpu2d nnUNet_ssl_unsup_weight="$weight" \
+        nnUNet_ssl_rampup_length=0.3
+done
+for threshold in $UNIMATCH_THRESHOLDS; do
+    sweep_run "unimatch_t${threshold}" nnUNetTrainerUniMatch_cpu2d nnUNet_ssl_confidence_threshold="$threshold"
 done
