@@ -60,6 +60,31 @@ def test_random_walk_spreads_inside_object_not_across_edge():
     assert flat[~inside].max() > 0.1
 
 
+def test_cam_and_walk_ignore_the_padding_cells():
+    """SAM-family encoders pad the image bottom/right: what the padding cells score must not rescale the content's
+    CAM (min-max) nor take part in the walk; the padding cells repeat the content's edge for the upsampling."""
+    torch.manual_seed(0)
+    rows, cols, eh, ew = 10, 7, 12, 12
+    cam = torch.randn(2, eh, ew)
+    prompts = torch.randn(eh, ew)
+    refined = aff.refine_on_content(cam, prompts, rows, cols, radius=3, beta=4, steps=3)
+    assert refined.shape == (2, eh, ew)
+    padded_cam, padded_prompts = cam.clone(), prompts.clone()
+    padded_cam[:, rows:, :] = 50.0       # a padding that scores far above the content ...
+    padded_cam[:, :, cols:] = -50.0      # ... and far below it
+    padded_prompts[rows:, :] = padded_prompts[:, cols:] = 9.0
+    again = aff.refine_on_content(padded_cam, padded_prompts, rows, cols, radius=3, beta=4, steps=3)
+    assert torch.equal(again, refined), "the padding cells changed the content's maps"
+    content = refined[:, :rows, :cols]
+    assert torch.allclose(content.amax(dim=(-2, -1)), torch.ones(2)) and float(content.min()) < 1e-3
+    assert torch.equal(refined[:, rows:, :cols], content[:, -1:, :].expand(-1, eh - rows, -1))
+    assert torch.equal(refined[:, :rows, cols:], content[:, :, -1:].expand(-1, -1, ew - cols))
+    # what the walk alone would give on the content cells
+    walk = aff.random_walk(aff.min_max(cam[:, :rows, :cols]),
+                           aff.transition_matrix(aff.affinity_matrix(prompts[None, :rows, :cols], 3), 4), 3)
+    assert torch.equal(content, walk)
+
+
 def test_prompt_probabilities_let_the_walk_spread_where_raw_logits_of_a_box_trained_model_do_not():
     torch.manual_seed(0)
     h = w = 20

@@ -82,6 +82,22 @@ def random_walk(cam: torch.Tensor, transition: torch.Tensor, steps: int = 4) -> 
     return flat.reshape(k, h, w)
 
 
+def refine_on_content(cam_logits: torch.Tensor, prompt_map: torch.Tensor, rows: int, cols: int,
+                      radius: float = 5.0, beta: float = 4.0, steps: int = 4) -> torch.Tensor:
+    """The CAM refined by the prompt-affinity walk on the embedding cells that cover image content only.
+
+    ``cam_logits (K, eh, ew)`` and ``prompt_map (eh, ew)`` are on the whole embedding grid; SAM-family encoders pad
+    the image bottom/right, and the cells beyond ``rows x cols`` encode that padding. Min-max over them would scale
+    the content's CAM by whatever the padding scored, and the walk would carry mass into and out of cells with no
+    image. Returns ``(K, eh, ew)``: the walked content map, its edge repeated over the padding cells so that
+    upsampling and blurring near the border see image values (the padding is cropped afterwards)."""
+    eh, ew = cam_logits.shape[-2:]
+    cam = min_max(cam_logits[:, :rows, :cols])
+    transition = transition_matrix(affinity_matrix(prompt_map[None, :rows, :cols], radius), beta)
+    walked = random_walk(cam, transition, steps)
+    return F.pad(walked[None], (0, ew - cols, 0, eh - rows), mode="replicate")[0]
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``(K, h, w)`` maps (edge values repeated); sigma in pixels, 0 = none."""
     if sigma <= 0:

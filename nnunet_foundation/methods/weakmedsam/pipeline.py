@@ -325,6 +325,8 @@ class WeakMedSAMRun:
     @torch.no_grad()
     def slice_maps(self, slice_2d: torch.Tensor, weak: Sequence[int]):
         """Per-class refined maps ``(K, h, w)`` in [0, 1], the gate ``(K,)`` and the predicted labels for one slice."""
+        from nnunet_foundation.methods.weakmedsam.classifier import content_cells
+
         model = self.classifier()
         s = self.settings
         embedding, geometry = model.embed(slice_2d[None])
@@ -335,7 +337,6 @@ class WeakMedSAMRun:
         k, h, w = len(self.source.classes), *slice_2d.shape
         if not bool(gate.any()):
             return torch.zeros(k, h, w), gate.cpu(), predicted.cpu()
-        cam = model.cams(embedding)[0]
         frozen = self._frozen_embed(slice_2d[None])[0] if s.trainable == "lora" else embedding
         generalist = model.generalist
         points = aff.uniform_point_grid(geometry.resized_hw[0], geometry.resized_hw[1], s.points_per_side)
@@ -343,9 +344,10 @@ class WeakMedSAMRun:
         labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=frozen.device)
         low_res, _ = generalist._decode(frozen.expand(points.shape[0], -1, -1, -1), points, labels, None, None)
         summed = aff.prompt_response_map(low_res, s.prompt_map)  # (1, T/4, T/4)
-        summed = F.adaptive_avg_pool2d(summed[None], cam.shape[-2:])[0]
-        transition = aff.transition_matrix(aff.affinity_matrix(summed, s.affinity_radius), s.beta)
-        walked = aff.random_walk(cam, transition, s.walk_steps)
+        summed = F.adaptive_avg_pool2d(summed[None], embedding.shape[-2:])[0]
+        rows, cols = content_cells(geometry, embedding.shape[-2:])
+        walked = aff.refine_on_content(model.parent_head(embedding)[0], summed[0], rows, cols, s.affinity_radius,
+                                       s.beta, s.walk_steps)
         target = geometry.target
         up = F.interpolate(walked[None], size=(target, target), mode="bilinear", align_corners=False)[0]
         up = aff.gaussian_blur(up, s.blur_sigma * target / 256)
