@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write per-case numbers here")
     args = parser.parse_args(argv)
 
-    from nnunet_foundation.methods.weakmedsam.weak_labels import reader_writer
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     with open(os.path.join(args.pseudo, "weakmedsam_work", "manifest.json")) as f:
         manifest = json.load(f)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         path = os.path.join(args.pseudo, "labelsTr", case + ending)
         if not os.path.isfile(path):
             continue
-        io = io or reader_writer(dataset_json, path)
+        io = io or determine_reader_writer_from_dataset_json(dataset_json, path, verbose=False)()
         pred = np.asarray(io.read_seg(path)[0][0])
         truth = np.asarray(io.read_seg(os.path.join(args.truth, "labelsTr", case + ending))[0][0])
         per_case[case] = {str(c): dice(pred == c, truth == c) for c in classes}

@@ -138,6 +138,21 @@ def test_subclass_labels_reproducible_with_a_seed():
     assert subclass_targets({}, 2, 3).tolist() == [1, 0, 0, 0, 0, 0, 0]
 
 
+def test_roc_auc_of_the_localisation_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("localisation", Path(__file__).resolve().parent.parent /
+                                                  "benchmarks" / "weakmedsam_localisation.py")
+    localisation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(localisation)
+    truth = np.array([0, 0, 1, 1, 0, 1], dtype=bool)
+    assert localisation.roc_auc(np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7]), truth) == 1.0
+    assert localisation.roc_auc(np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3]), truth) == 0.0
+    assert localisation.roc_auc(np.full(6, 0.5), truth) == 0.5
+    assert localisation.roc_auc(np.array([0.1, 0.6, 0.5, 0.9, 0.3, 0.2]), truth) == pytest.approx(2 / 3)
+    assert np.isnan(localisation.roc_auc(np.ones(3), np.zeros(3, dtype=bool)))
+
+
 def test_masks_from_maps_gate_and_argmax():
     maps = torch.tensor([[[0.9, 0.6, 0.2]], [[0.7, 0.8, 0.3]]])
     assert aff.masks_from_maps(maps, torch.tensor([True, True])).tolist() == [[1, 2, 0]]
@@ -282,6 +297,25 @@ def test_slice_labels_to_nnunet_predict(weak_tree, tmp_path):
         mask = np.asarray(Image.open(output / "labelsTr" / f"{case}.png"))
         assert mask.shape == (40, 40) and set(np.unique(mask)) <= {0, 1}
     assert json.loads((output / "dataset.json").read_text())["numTraining"] == 14
+
+    # benchmarks/weakmedsam_localisation.py recomputes the maps of the written run and scores them against the masks
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("localisation", Path(__file__).resolve().parent.parent /
+                                                  "benchmarks" / "weakmedsam_localisation.py")
+    localisation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(localisation)
+    scores = tmp_path / "localisation.json"
+    assert localisation.main(["--pseudo", str(output), "--source", str(weak), "--truth", str(source), "--cases", "5",
+                              "--generalists", env["generalist"], "--json", str(scores)]) == 0
+    blob = json.loads(scores.read_text())["classes"]["blob"]
+    positive = [c for c in weak_cases[:5] if json.loads((weak / "imageLabelsTr.json").read_text())["cases"][c][0]]
+    assert positive and set(blob) == {"cam", "refined"}
+    for row in blob.values():
+        assert 0 <= row["auc"] <= 1 and row["pixels"] == 40 * 40 * len(positive)
+        assert 0 <= row["dice_at_threshold"] <= 1 and 0 <= row["best_dice"] <= 1
+    stats = json.loads((output / "weakmedsam_work" / "pseudo_stats_part0of1.json").read_text())
+    assert sorted(stats) == weak_cases
 
     # resume: nothing is redone; changed settings are refused and change nothing
     before = tree_digest(output)
