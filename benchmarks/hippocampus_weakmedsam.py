@@ -17,6 +17,7 @@ What it does (every step is skipped when its result exists, so the same command 
    - ``labeled-only``: the 2 labeled cases (dataset 540, ``nnUNetTrainerEMA``, the benchmark's bound trainer);
    - ``weakmedsam``: the weak cases' pseudo-masks + the 2 labeled cases' masks (dataset 542,
      ``nnUNetTrainerWeakMedSAM``: weighted CE as the reference);
+   - ``weakmedsam, Dice + CE``: the same with ``ce_background_weight`` 1 and ``dice_weight`` 1 (nnU-Net's loss);
    - ``fully supervised``: the same cases with their true masks (dataset 540, ``nnUNetTrainerEMA``): the bound for
      what the weak cases could give;
 5. each row predicted on the 40 test cases with the stock ``nnUNetv2_predict`` and scored (Dice, HD95, NSD);
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
     if not timing_file.is_file() or weak_seconds > 60:  # a rerun that only skipped stages keeps the first timing
         timing_file.write_text(json.dumps({"seconds": weak_seconds}))
 
-    # 3. pseudo-mask quality
+    # 3. pseudo-mask quality (its log is the committed table: written anew, not appended to)
+    (out / "logs" / "quality.log").unlink(missing_ok=True)
     run([sys.executable, REPO / "benchmarks" / "weakmedsam_quality.py", "--pseudo", raw_folder(IDS["pseudo"]),
          "--truth", raw_folder(IDS["masks"]), "--json", out / "pseudo_mask_quality.json"],
         out / "logs" / "quality.log", env)
@@ -178,9 +180,14 @@ def main(argv=None) -> int:
                  "--verify_dataset_integrity"], out / "logs" / f"preprocess_{dataset_id}.log", env)
     write_splits(IDS["masks"], [(train_all, cases["val"]), (cases["labeled"], cases["val"])])
     write_splits(IDS["pseudo"], [(train_all, cases["val"])])
-    rows = [("labeled-only", IDS["masks"], f"nnUNetTrainerEMA_{args.budget}", 1),
-            ("weakmedsam", IDS["pseudo"], f"nnUNetTrainerWeakMedSAM_{args.budget}", 0),
-            ("fully supervised", IDS["masks"], f"nnUNetTrainerEMA_{args.budget}", 0)]
+    # name, dataset, trainer, fold, settings (nnUNet_ssl_*; a row with settings of its own trains into its own
+    # results folder, since a trainer's output folder records its settings and refuses others)
+    weak_trainer = f"nnUNetTrainerWeakMedSAM_{args.budget}"
+    rows = [("labeled-only", IDS["masks"], f"nnUNetTrainerEMA_{args.budget}", 1, {}),
+            ("weakmedsam", IDS["pseudo"], weak_trainer, 0, {}),
+            ("weakmedsam, Dice + CE", IDS["pseudo"], weak_trainer, 0,
+             {"nnUNet_ssl_ce_background_weight": "1", "nnUNet_ssl_dice_weight": "1"}),
+            ("fully supervised", IDS["masks"], f"nnUNetTrainerEMA_{args.budget}", 0, {})]
     test_images = out / "test_images"
     test_labels = out / "test_labels"
     for folder, sub, suffix in ((test_images, "imagesTr", "_0000"), (test_labels, "labelsTr", "")):
@@ -190,23 +197,26 @@ def main(argv=None) -> int:
             if not target.is_file():
                 shutil.copyfile(source / sub / f"{case}{suffix}.nii.gz", target)
     results = {}
-    for name, dataset_id, trainer, fold in rows:
-        folder = (Path(os.environ["nnUNet_results"]) / f"Dataset{dataset_id:03d}_{NAMES[dataset_id]}" /
+    for name, dataset_id, trainer, fold, settings in rows:
+        tag = name.replace(",", "").replace(" ", "_").replace("+", "plus")
+        row_env = dict(env, **settings)
+        if settings:
+            row_env["nnUNet_results"] = str(out / f"results_{tag}")
+        folder = (Path(row_env["nnUNet_results"]) / f"Dataset{dataset_id:03d}_{NAMES[dataset_id]}" /
                   f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}")
-        tag = name.replace(" ", "_")
         if not (folder / "checkpoint_final.pth").is_file():
             resume = ["--c"] if (folder / "checkpoint_latest.pth").is_file() else []
             run([tool("nnUNetv2_train"), dataset_id, "2d", fold, "-tr", trainer, "-device", args.device, *resume],
-                out / "logs" / f"train_{tag}.log", env)
+                out / "logs" / f"train_{tag}.log", row_env)
         predictions = out / "predictions" / tag
         if len(list(predictions.glob("*.nii.gz"))) != len(cases["test"]):
             run([tool("nnUNetv2_predict"), "-d", dataset_id, "-c", "2d", "-tr", trainer, "-f", fold, "-i", test_images,
                  "-o", predictions, "-device", args.device, "-npp", max(1, args.np), "-nps", max(1, args.np)],
-                out / "logs" / f"predict_{tag}.log", env)
+                out / "logs" / f"predict_{tag}.log", row_env)
         from nnunet_foundation.evaluation import evaluate_folder
 
         evaluation = evaluate_folder(str(test_labels), str(predictions), str(source / "dataset.json"))
-        results[name] = {"dataset": dataset_id, "trainer": trainer, "fold": fold,
+        results[name] = {"dataset": dataset_id, "trainer": trainer, "fold": fold, "settings": settings,
                          "num_train": len(train_all) if fold == 0 else len(cases["labeled"]),
                          "foreground_mean": evaluation["foreground_mean"], "per_class": evaluation["per_class"],
                          "per_case": evaluation["per_case"], "training_log": str(folder)}
@@ -242,13 +252,16 @@ def write_report(out: Path, cases: dict, results: dict, args, weak_seconds: floa
               "| row | trained on | Dice | HD95 | NSD | gap closed |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         m = r["foreground_mean"]
-        gap = "" if name != "weakmedsam" else f"{(m['Dice']['mean'] - lower) / (upper - lower):.0%}"
+        gap = "" if not name.startswith("weakmedsam") else f"{(m['Dice']['mean'] - lower) / (upper - lower):.0%}"
         what = {"labeled-only": f"{len(cases['labeled'])} masks",
-                "weakmedsam": f"{len(cases['weak'])} pseudo-masks + {len(cases['labeled'])} masks",
-                "fully supervised": f"{len(cases['weak']) + len(cases['labeled'])} masks"}[name]
+                "fully supervised": f"{len(cases['weak']) + len(cases['labeled'])} masks"}.get(
+            name, f"{len(cases['weak'])} pseudo-masks + {len(cases['labeled'])} masks")
         lines.append(f"| {name} | {what} | {m['Dice']['mean']:.3f} ± {m['Dice']['std']:.3f} | "
                      f"{m['HD95']['mean']:.2f} | {m['NSD']['mean']:.3f} | {gap} |")
-    lines += ["", "Gap closed: (WeakMedSAM - labeled-only) / (fully supervised - labeled-only), test Dice.", "",
+    lines += ["", "Gap closed: (WeakMedSAM - labeled-only) / (fully supervised - labeled-only), test Dice. "
+              "`weakmedsam`: nnUNetTrainerWeakMedSAM's defaults (the reference's cross-entropy weighted background "
+              "10 : foreground 1, no Dice term); `weakmedsam, Dice + CE`: the same trainer with "
+              "`ce_background_weight` 1 and `dice_weight` 1 (nnU-Net's own loss).", "",
               "![Dice](dice.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     import matplotlib
@@ -256,15 +269,17 @@ def write_report(out: Path, cases: dict, results: dict, args, weak_seconds: floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    names = ["pseudo-masks\n(train cases)"] + list(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = ["pseudo-masks\n(train cases)"] + [n.replace(", ", ",\n").replace("fully ", "fully\n")
+                                                      for n in results]
     values = [quality["summary"]["foreground_mean"]["mean"]] + \
         [r["foreground_mean"]["Dice"]["mean"] for r in results.values()]
     errors = [quality["summary"]["foreground_mean"]["std"]] + \
         [r["foreground_mean"]["Dice"]["std"] for r in results.values()]
-    ax.bar(names, values, yerr=errors, color=["#bbbbbb", "#4c72b0", "#dd8452", "#55a868"], capsize=4)
-    for i, v in enumerate(values):
-        ax.text(i, v + 0.02, f"{v:.3f}", ha="center")
+    colours = ["#bbbbbb", "#4c72b0", "#dd8452", "#c44e52", "#55a868", "#8172b3"]
+    ax.bar(names, values, yerr=errors, color=colours[:len(names)], capsize=4)
+    for i, (v, e) in enumerate(zip(values, errors)):
+        ax.text(i, v + e + 0.02, f"{v:.3f}", ha="center")
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice (mean of classes)")
     ax.set_title(f"Hippocampus, {len(cases['weak'])} slice-labelled + {len(cases['labeled'])} labeled cases",
