@@ -281,18 +281,28 @@ def test_slice_labels_to_nnunet_predict(weak_tree, tmp_path):
     """weak-labels run (no mask of a weak case exists anywhere: they were never copied), then the stock
     plan_and_preprocess / train (nnUNetTrainerWeakMedSAM_smoke) / predict; resume and refusal of changed inputs."""
     root, env, source, weak, weak_cases = weak_tree
+    from PIL import Image
+
     args = ["nnunet-foundation", "weak-labels", "run", "-d", WEAK_ID, "-o_d", OUT_ID, "--generalists",
             env["generalist"], "--classifier-steps", 4, "--batch-size", 4]
     out = run_cli(args, env)
     assert "12 slice-labelled case(s) (axis 0), 2 case(s) with masks" in out.stdout
     assert "done: 12 pseudo-mask(s) written, 0 already there, 0 still missing" in out.stdout
     assert "classifier step 4/4" in out.stdout and "features 12/12" in out.stdout
+    # the check: the 2 cases with masks pseudo-labelled as the weak ones and scored against their masks
+    assert "check on the 2 case(s) with masks" in out.stdout
+    check = json.loads((Path(env["nnUNet_raw"]) / f"Dataset{OUT_ID:03d}_BlobsSliceLabelsWeakMedSAM" /
+                        "weakmedsam_work" / "labeled_check.json").read_text())
+    assert sorted(check["cases"]) == LABELED_CASES and set(check["mean_dice"]) == {"1"}
+    for case, row in check["cases"].items():
+        assert 0 <= row["dice"]["1"] <= 1 and row["slices"] == 1
+        mask = np.asarray(Image.open(weak / "labelsTr" / f"{case}.png"))
+        assert row["foreground_fraction_mask"] == pytest.approx(float((mask > 0).mean()))
+    assert check["mean_dice"]["1"] == pytest.approx(np.mean([r["dice"]["1"] for r in check["cases"].values()]))
     output = Path(env["nnUNet_raw"]) / f"Dataset{OUT_ID:03d}_BlobsSliceLabelsWeakMedSAM"
     assert sorted(p.name for p in (output / "labelsTr").iterdir()) == sorted(f"blob_{i:03d}.png" for i in range(14))
     for case in LABELED_CASES:  # the user's masks are kept byte for byte
         assert (output / "labelsTr" / f"{case}.png").read_bytes() == (weak / "labelsTr" / f"{case}.png").read_bytes()
-    from PIL import Image
-
     for case in weak_cases:
         mask = np.asarray(Image.open(output / "labelsTr" / f"{case}.png"))
         assert mask.shape == (40, 40) and set(np.unique(mask)) <= {0, 1}
