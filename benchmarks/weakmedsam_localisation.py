@@ -24,6 +24,8 @@ import json
 import os
 
 import numpy as np
+
+from nnunet_foundation.evaluation import dice_coefficient as dice
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +39,6 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum() + truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
 
 
 def main(argv=None) -> int:

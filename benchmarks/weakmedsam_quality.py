@@ -20,10 +20,7 @@ import os
 
 import numpy as np
 
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum() + truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+from nnunet_foundation.evaluation import dice_coefficient as dice
 
 
 def main(argv=None) -> int:

@@ -90,6 +90,12 @@ def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape, dtype=float) * np.asarray(spacing, dtype=float)) ** 2)))
 
 
+def dice_coefficient(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two boolean masks; both empty counts 1 (the convention of :func:`binary_metrics`)."""
+    total = int(prediction.sum()) + int(reference.sum())
+    return 1.0 if total == 0 else 2.0 * int((prediction & reference).sum()) / total
+
+
 def binary_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float],
                    tolerance_mm: float = DEFAULT_TOLERANCE_MM, valid: Optional[np.ndarray] = None) -> Dict[str, float]:
     """Dice, HD95 (mm) and NSD (tolerance in mm) of two binary masks of the same shape, plus voxel counts.

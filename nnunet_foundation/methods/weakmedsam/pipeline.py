@@ -466,6 +466,8 @@ class WeakMedSAMRun:
         before anyone trains on them. Measured on Hippocampus, where the pseudo-masks scored Dice 0.08, a check like
         this is the only warning a user gets (docs/benchmarks/hippocampus_weakmedsam_cpu2d). Saved in
         ``labeled_check.json`` and reused."""
+        from nnunet_foundation.evaluation import dice_coefficient
+
         path = os.path.join(self.work, "labeled_check.json")
         if os.path.isfile(path):
             with open(path) as f:
@@ -477,11 +479,7 @@ class WeakMedSAMRun:
             truth = self.source.labeled_mask_slices(case)
             slice_labels = [[c for c in self.source.classes if (t == c).any()] for t in truth]
             masks, correct = self.case_masks(slices, slice_labels)
-            dice = {}
-            for c in self.source.classes:
-                p, t = masks == c, truth == c
-                total = int(p.sum() + t.sum())
-                dice[str(c)] = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+            dice = {str(c): dice_coefficient(masks == c, truth == c) for c in self.source.classes}
             per_case[case] = {"dice": dice, "slices": len(slices), "label_correct": correct,
                               "foreground_fraction": float((masks > 0).mean()),
                               "foreground_fraction_mask": float((truth > 0).mean())}
