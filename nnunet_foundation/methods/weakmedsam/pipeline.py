@@ -18,8 +18,8 @@ machines with ``part_id / num_parts``; the global stages (features, sub-classes,
 first.
 
 No label file of a weak case is ever opened here: the classifier learns from the side file, the masks come from the
-model (the masks of the cases that have one are read for the check only) (``weak_labels.derive_weak_labels`` is the separate, explicit benchmarking step that reads masks).
-"""
+model (``weak_labels.derive_weak_labels`` is the separate, explicit benchmarking step that reads masks). The masks of
+the cases that have one are read only by the check on those cases (``check_on_labeled_cases``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -145,12 +145,6 @@ class WeakDataset:
             self._io = reader_writer(self.dataset_json, case_files(self.folder, self.weak[0], self.ending, 1)[0])
         return self._io
 
-    def slices_of_labeled(self, case: str, channel: int = 0):
-        """``(S, h, w)`` slices of a case with a mask (no side-file entry needed) along the side file's axis."""
-        image, properties = self.io.read_images(case_files(self.folder, case, self.ending, self.num_channels))
-        volume = np.asarray(image[channel], dtype=np.float32)
-        return np.ascontiguousarray(np.moveaxis(volume, self.axis, 0)), properties, volume.shape
-
     def labeled_mask_slices(self, case: str) -> np.ndarray:
         """The mask of a case that has one, as ``(S, h, w)`` slices along the side file's axis (labeled cases only:
         a weak case has no mask to read)."""
@@ -164,7 +158,7 @@ class WeakDataset:
         image, properties = self.io.read_images(case_files(self.folder, case, self.ending, self.num_channels))
         volume = np.asarray(image[channel], dtype=np.float32)
         slices = np.moveaxis(volume, self.axis, 0)
-        expected = len(self.weak_labels[case])
+        expected = len(self.weak_labels.get(case, slices))  # a case with a mask has no side-file entry to match
         if slices.shape[0] != expected:
             raise WeakLabelError(f"{self.side_file}: case {case!r} lists {expected} slice(s), but its image has "
                                  f"{slices.shape[0]} along axis {self.axis} (shape {volume.shape}); fix the file or "
@@ -475,7 +469,7 @@ class WeakMedSAMRun:
         channel = single_image_channel(self.generalist_config, "weak-labels")
         per_case = {}
         for case in self.source.labeled:
-            slices, _, _ = self.source.slices_of_labeled(case, channel)
+            slices, _, _ = self.source.slices(case, channel)
             truth = self.source.labeled_mask_slices(case)
             slice_labels = [[c for c in self.source.classes if (t == c).any()] for t in truth]
             masks, correct = self.case_masks(slices, slice_labels)
