@@ -201,6 +201,36 @@ def test_a_generalist_row_follows_each_labeled_only_run_and_trains_nothing(make_
     assert make_benchmark(trainers=(), generalist_row=True).runs  # the generalist row alone is a study
 
 
+def test_a_co_training_trainer_adds_a_row_of_its_own_sam_after_its_run(make_benchmark):
+    """SC-SAM (and SynFoC) fine-tune a SAM beside nnU-Net; the paper reports that SAM, so the benchmark scores it
+    too, as a row that trains nothing and predicts with the run's checkpoint (predict-sam-student)."""
+    from nnunet_foundation.benchmark.runner import SAM_WAITING
+    from nnunet_foundation.benchmark.settings import COTRAINED_SAM
+
+    bench = make_benchmark(trainers=("nnUNetTrainerMeanTeacher", "nnUNetTrainerSCSAM"))
+    rows = [r for r in bench.runs if r.role == COTRAINED_SAM]
+    assert len(rows) == 4  # one per scarce fold; Mean Teacher has no SAM, the bounds have none
+    for run in rows:
+        scsam = bench.co_training_run(run)
+        assert scsam.trainer == "nnUNetTrainerSCSAM_smoke" and scsam.fold == run.fold and scsam.role == SSL
+        assert run.run_id == scsam.run_id + "+sam" and bench.runs.index(scsam) == bench.runs.index(run) - 1
+        assert bench.training_folder(run) == bench.training_folder(scsam)  # the SAM is in that run's checkpoint
+        cmd = bench.predict_sam_command(run)
+        assert cmd[:2] == ["nnunet-foundation", "predict-sam-student"] and cmd[cmd.index("-tr") + 1] == scsam.trainer
+        assert cmd[cmd.index("-f") + 1] == str(run.fold)
+        assert cmd[cmd.index("-o") + 1] == str(bench.predictions_folder(run))
+        assert cmd[cmd.index("-i") + 1] == str(bench.test_images)
+        assert bench.main_command(run) == cmd and bench.status(run) == SAM_WAITING
+        assert bench.main_command(scsam) == bench.train_command(scsam) and bench.status(scsam) == TRAIN
+    bench.check_trainers()  # 'nnUNetTrainerSCSAM_smoke+sam' is a row, not a class nnU-Net must find
+    bench.prepare()
+    script = bench.job_script()
+    assert script.count("predict-sam-student") == 4 and script.count("its checkpoint holds the SAM") == 4
+    with pytest.raises(BenchmarkError, match="train that run first"):  # a job started before its co-training run
+        bench.execute([rows[0]])
+    assert not [r for r in make_benchmark().runs if r.role == COTRAINED_SAM]
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(budget="fast"), "unknown budget"),
     (dict(trainers=("nnUNetTrainer",)), "always runs"),
@@ -525,3 +555,38 @@ def test_a_cached_row_is_added_to_a_finished_benchmark_from_the_generalist_label
     new = checkpoints(benchmark["results_dir"])
     # SemiSAM's, SFR's and IFL round 1's
     assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 3
+
+
+@e2e
+def test_a_co_training_row_scores_its_nnunet_and_its_sam(benchmark, tmp_path):
+    """Run last: it adds SC-SAM (tiny SAM) to the module's benchmark. Its run trains once and is scored through
+    nnUNetv2_predict; its '+sam' row trains nothing and scores the SAM of that checkpoint (predict-sam-student)."""
+    pytest.importorskip("segment_anything")
+    from nnunet_foundation.foundation.tiny import save_tiny_sam_checkpoint
+
+    sam = save_tiny_sam_checkpoint(tmp_path / "tiny_sam.pth", seed=3)
+    env = {**benchmark["env"], "nnUNet_ssl_prompt_token_channels": "8",
+           "nnUNet_ssl_generalists": json.dumps({"backend": "sam", "model_type": "tiny", "checkpoint": str(sam)})}
+    before = checkpoints(benchmark["results_dir"])
+    args = [*BENCHMARK_ARGS[:BENCHMARK_ARGS.index("--trainers") + 2], "nnUNetTrainerSCSAM",
+            *BENCHMARK_ARGS[BENCHMARK_ARGS.index("--trainers") + 2:], "--output", benchmark["out"]]
+    proc = run_cli(args, env, timeout=1200)
+    assert proc.stdout.count("finished earlier, skipped") == 3
+    run_id = "labeled-2_seed-0_nnUNetTrainerSCSAM_smoke"
+    results = json.loads((benchmark["out"] / "results.json").read_text())
+    unet = next(r for r in results["runs"] if r["run"]["run_id"] == run_id)
+    sam_row = next(r for r in results["runs"] if r["run"]["run_id"] == run_id + "+sam")
+    assert unet["training"]["epochs"] == 2 and "sam_loss" in unet["training"]["curves"]
+    assert sam_row["run"]["role"] == "co-trained SAM" and sam_row["run"]["sam_of"] == "nnUNetTrainerSCSAM_smoke"
+    assert sam_row["training"] == {} and sam_row["timings"]["generalist_wall_s"] > 0
+    assert sam_row["checkpoint"] == unet["checkpoint"]  # the same training, read twice
+    assert len(sam_row["evaluation"]["per_case"]) == len(results["test_cases"])
+    log = (benchmark["out"] / "logs" / f"{run_id}+sam.predict.log").read_text()
+    assert f"{len(results['test_cases'])} case(s) segmented by the SAM student" in log  # -np 0: sequential path
+    predictions = sorted(p.name for p in (benchmark["out"] / "predictions" / f"{run_id}+sam").glob("*.nii.gz"))
+    assert predictions == sorted(f"{c}.nii.gz" for c in results["test_cases"])
+    report = (benchmark["out"] / "report.md").read_text()
+    assert "nnUNetTrainerSCSAM_smoke+sam (its co-trained SAM" in report
+    assert f"{run_id}+sam" in report and "nnUNetTrainerSCSAM_smoke+sam" in results["gap_closed"]
+    new = checkpoints(benchmark["results_dir"])
+    assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 1  # SC-SAM's only

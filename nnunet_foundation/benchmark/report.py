@@ -18,15 +18,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_foundation.benchmark.settings import GENERALIST, LOWER, SSL, UPPER, exported_model
+from nnunet_foundation.benchmark.settings import COTRAINED_SAM, GENERALIST, LOWER, SSL, UPPER, exported_model
 from nnunet_foundation.evaluation import METRICS, gap_closed, mean_std, write_json
 
 #: decimals per metric in report.md
 DECIMALS = {"Dice": 3, "NSD": 3, "HD95": 2}
-ROLE_ORDER = {LOWER: 0, GENERALIST: 1, SSL: 1, UPPER: 2}
+ROLE_ORDER = {LOWER: 0, GENERALIST: 1, SSL: 1, COTRAINED_SAM: 1, UPPER: 2}
 #: how the rows of --cached-trainers are labelled
 CACHED_LABEL = "semi-supervised, generalist labels prompted by the labeled-only model"
 GENERALIST_LABEL = "the generalist alone, prompted by the labeled-only model (predict-generalist)"
+COTRAINED_SAM_LABEL = "its co-trained SAM (predict-sam-student; SC-SAM's prompted by the run's nnU-Net)"
 PRESTAGE_LABEL = "semi-supervised, with its per-fold pre-stage (SFR: fine-tuned generalist; IFL: its rounds)"
 
 
@@ -79,7 +80,7 @@ def gaps(results: List[dict]) -> dict:
     upper = {k[3]: v for k, v in by_key.items() if k[0] == UPPER}
     out: Dict[str, Dict[str, dict]] = defaultdict(dict)
     for (role, trainer, n, seed), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2] or 0, kv[0][3])):
-        if role not in (SSL, GENERALIST) or (n, seed) not in lower or seed not in upper:
+        if role not in (SSL, GENERALIST, COTRAINED_SAM) or (n, seed) not in lower or seed not in upper:
             continue
         column = out[trainer].setdefault(str(n), {m: {"per_seed": {}} for m in METRICS})
         for m in METRICS:
@@ -233,6 +234,8 @@ def _metric_table(data: dict, metric: str, std_key: str, columns: List[str], upp
             label = f"{trainer} ({CACHED_LABEL})"
         elif any(e["role"] == GENERALIST for e in entries.values()):
             label = GENERALIST_LABEL
+        elif any(e["role"] == COTRAINED_SAM for e in entries.values()):
+            label = f"{trainer} ({COTRAINED_SAM_LABEL})"
         cells = [fmt(entries[c]["foreground_mean"][metric], metric, std_key) if c in entries else ""
                  for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -472,6 +475,7 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
                 role = entries[columns[0]]["role"]
                 kind = "labeled only" if role == LOWER else PRESTAGE_LABEL if entries[columns[0]].get("prestage") \
                     else CACHED_LABEL if entries[columns[0]].get("pseudo_labels") else "semi-supervised"
+                kind = COTRAINED_SAM_LABEL if role == COTRAINED_SAM else kind
                 label = GENERALIST_LABEL if role == GENERALIST else f"{trainer} ({kind})"
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=label)
             if "all" in entries:

@@ -9,6 +9,8 @@ in ``nnUNet_results``):
     OUTPUT/runs/<run_id>/run.json           the claim: this run's fold (and its digest) trains in <training folder>
     OUTPUT/runs/<run_id>/result.json        written last: evaluation, training curves, timings (= "finished")
     OUTPUT/predictions/<run_id>/            nnUNetv2_predict output for the test cases
+    OUTPUT/predictions/<run_id>+sam/        predict-sam-student output: the SAM a co-training run (SC-SAM, SynFoC)
+                                            fine-tuned, a row of its own (role "co-trained SAM")
     OUTPUT/predictions/<run_id>__student/   the same with the trained network of a run that exports another
                                             model (an EMA teacher; checkpoint_student.pth in its training folder)
     OUTPUT/logs/<run_id>.train.log, ...     full output of every command (.pseudo_label.log: a cached run's
@@ -39,8 +41,8 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from nnunet_foundation.benchmark.settings import (GENERALIST, LOWER, SSL, UPPER, BenchmarkError, BenchmarkSettings,
-                                                 Run)
+from nnunet_foundation.benchmark.settings import (COTRAINED_SAM, GENERALIST, LOWER, SSL, UPPER, BenchmarkError,
+                                                 BenchmarkSettings, Run)
 from nnunet_foundation.subprocesses import CommandFailed, nnunet_environment, run_logged
 from nnunet_foundation.training.checkpoint_files import STUDENT_CHECKPOINT, was_interrupted, write_student_checkpoint
 
@@ -50,6 +52,9 @@ PROGRESS_MARKERS = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "semi-sup
 
 TRAIN, RESUME, PREDICT, FINISHED = "train", "resume", "predict+evaluate", "finished"
 WAITING = "waits for its labeled-only run"  # a generalist row before the model that prompts it is trained
+SAM_WAITING = "waits for its co-training run"  # a co-trained SAM row before the run that tunes the SAM is trained
+#: roles of the rows that train nothing: they predict with the model of another run of their fold
+PREDICT_ONLY = (GENERALIST, COTRAINED_SAM)
 
 
 def _digest(data) -> str:
@@ -132,7 +137,7 @@ class Benchmark:
         previous = os.environ.get("nnUNet_extTrainer")
         os.environ["nnUNet_extTrainer"] = self.env["nnUNet_extTrainer"]
         try:
-            for name in sorted({r.trainer for r in self.runs if r.role != GENERALIST}):
+            for name in sorted({r.trainer for r in self.runs if r.role not in PREDICT_ONLY}):
                 try:
                     # nnU-Net narrates its search, and importing its trainers warns about torch.jit
                     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -186,6 +191,7 @@ class Benchmark:
             raise BenchmarkError(str(e)) from None
         # looked up once (it imports every method module); prestage_command reuses it
         self.prestage_hooks = prestaged = self._prestage_hooks()
+        cotrained = self._cotrained_sam_trainers()
         runs: List[Run] = []
         for fold, info in zip(folds, infos):
             baseline = s.baseline_trainer
@@ -201,6 +207,9 @@ class Benchmark:
                     if method in prestaged else None
                 runs.append(Run(SSL, s.trainer_class(method), method, info.fold, info.seed, info.num_labeled, fold,
                                 pseudo_labels=own, prestage=method in prestaged))
+                if method in cotrained:  # after the run whose checkpoint holds the SAM
+                    runs.append(Run(COTRAINED_SAM, f"{s.trainer_class(method)}+sam", method, info.fold, info.seed,
+                                    info.num_labeled, fold, sam_of=s.trainer_class(method)))
             # after the labeled-only run of the fold, whose model prompts the generalist for their cache; a trainer
             # with its own pre-stage makes its own cache (SFR: its fine-tuned generalist's labels)
             cache = f"{s.trainer_class(baseline)}__{s.plans}__fold{info.fold}"
@@ -231,6 +240,13 @@ class Benchmark:
                                  "this benchmark has none of those")
         return hooks
 
+    def _cotrained_sam_trainers(self) -> set:
+        """Base names of the benchmark's online trainers that fine-tune a SAM of their own (``cotrained_sam``)."""
+        from nnunet_foundation.training.settings import package_trainer_classes
+
+        return {cls.__name__ for cls in package_trainer_classes()
+                if cls.__name__ in self.settings.trainers and getattr(cls, "cotrained_sam", False)}
+
     def _prestage_arguments(self, method: str, fold: int, cached: bool) -> dict:
         s = self.settings
         return dict(dataset=str(self.dataset_id), configuration=s.configuration, plans=s.plans, fold=fold,
@@ -247,14 +263,19 @@ class Benchmark:
         hook = self.prestage_hooks[run.method]
         return hook(**self._prestage_arguments(run.method, run.fold, cached=run.method in self.settings.cached_trainers))[0]
 
+    def co_training_run(self, run: Run) -> Run:
+        """The run whose checkpoint holds the SAM of a co-trained SAM row (same fold)."""
+        return next(r for r in self.runs if r.role == SSL and r.trainer == run.sam_of and r.fold == run.fold)
+
     def labeled_only_run(self, run: Run) -> Run:
         """The labeled-only run of ``run``'s fold (its model prompts the generalist for ``run``'s cache)."""
         return next(r for r in self.runs if r.role == LOWER and r.fold == run.fold)
 
     # ------------------------------------------------------------------------------------------ paths
     def training_folder(self, run: Run) -> Path:
-        """nnU-Net's training folder of the run; a generalist row's is its prompting labeled-only model's."""
-        trainer = run.prompted_by or run.trainer
+        """nnU-Net's training folder of the run; a generalist row's is its prompting labeled-only model's, a
+        co-trained SAM row's its co-training run's."""
+        trainer = run.prompted_by or run.sam_of or run.trainer
         return (self.results_root / f"{trainer}__{self.settings.plans}__{self.settings.configuration}" /
                 f"fold_{run.fold}")
 
@@ -369,7 +390,7 @@ class Benchmark:
     def conflict(self, run: Run) -> Optional[str]:
         """Why the run's nnU-Net training folder cannot be used (or None): it holds a checkpoint that this benchmark
         did not record for the run's current fold."""
-        if self.is_claimed(run) or run.role == GENERALIST:  # a generalist row's model is its labeled-only run's
+        if self.is_claimed(run) or run.role in PREDICT_ONLY:  # their model is another run's of the fold
             return None
         if not any((self.training_folder(run) / c).is_file()
                    for c in ("checkpoint_final.pth", "checkpoint_latest.pth")):
@@ -427,6 +448,8 @@ class Benchmark:
             return PREDICT
         if run.role == GENERALIST:  # it trains nothing: the training folder is its prompter's
             return WAITING
+        if run.role == COTRAINED_SAM:  # nor this one: the folder is its co-training run's
+            return SAM_WAITING
         if was_interrupted(str(self.training_folder(run))):
             return RESUME
         return TRAIN
@@ -445,6 +468,8 @@ class Benchmark:
         """What the run executes first: a training, or for a generalist row its prediction (it trains nothing)."""
         if run.role == GENERALIST:
             return self.predict_generalist_command(run)
+        if run.role == COTRAINED_SAM:
+            return self.predict_sam_command(run)
         return self.prestage_command(run) if self.prestage_trains(run) else self.train_command(run)
 
     def predict_command(self, run: Run, student: bool = False) -> List[str]:
@@ -465,6 +490,15 @@ class Benchmark:
                 s.plans, "-tr", run.prompted_by, "-f", str(run.fold), "-i", str(self.test_images), "-o",
                 str(self.predictions_folder(run)), "-device", "cuda" if s.device == "cuda" else "cpu", "-np", n] + \
             (["--generalists", s.pseudo_label_generalist] if s.pseudo_label_generalist is not None else [])
+
+    def predict_sam_command(self, run: Run) -> List[str]:
+        """nnunet-foundation predict-sam-student of the test images with the SAM the co-training run fine-tuned
+        (SC-SAM's prompted by that run's nnU-Net), through nnU-Net's predictor as nnUNetv2_predict."""
+        s = self.settings
+        n = str(s.num_processes)
+        return ["nnunet-foundation", "predict-sam-student", "-d", str(self.dataset_id), "-c", s.configuration, "-p",
+                s.plans, "-tr", run.sam_of, "-f", str(run.fold), "-i", str(self.test_images), "-o",
+                str(self.predictions_folder(run)), "-device", s.device, "-npp", n, "-nps", n]
 
     def pseudo_label_command(self, run: Run) -> List[str]:
         """nnunet-foundation pseudo-label of the fold's unlabeled cases, prompted by its labeled-only model."""
@@ -524,6 +558,15 @@ class Benchmark:
                 shutil.rmtree(self.predictions_folder(run), ignore_errors=True)
                 timings["generalist_wall_s"] = self._run_command(self.predict_generalist_command(run),
                                                                  logs / f"{run.run_id}.predict.log")
+            elif run.role == COTRAINED_SAM:
+                if status == SAM_WAITING:
+                    raise BenchmarkError(f"{run.run_id} is the SAM that run {self.co_training_run(run).run_id} "
+                                         f"fine-tunes: train that run first (it is the job line before this one; "
+                                         f"--run {self.co_training_run(run).run_id}).")
+                print(f"{head}: the SAM co-trained by {self.training_folder(run)}", flush=True)
+                shutil.rmtree(self.predictions_folder(run), ignore_errors=True)
+                timings["generalist_wall_s"] = self._run_command(self.predict_sam_command(run),
+                                                                 logs / f"{run.run_id}.predict.log")
             elif status in (TRAIN, RESUME):
                 verb = "resuming training (--c)" if status == RESUME else "training"
                 print(f"{head}: {verb}: fold {run.fold}, {run.trainer}, {len(run.split['train'])} labeled"
@@ -552,7 +595,7 @@ class Benchmark:
             else:
                 print(f"{head}: trained earlier ({self.training_folder(run)}), predicting", flush=True)
             student = None
-            if run.role != GENERALIST:
+            if run.role not in PREDICT_ONLY:
                 shutil.rmtree(self.predictions_folder(run), ignore_errors=True)  # ours; a partial one is useless
                 timings["predict_wall_s"] = self._run_command(self.predict_command(run),
                                                               logs / f"{run.run_id}.predict.log")
@@ -587,7 +630,7 @@ class Benchmark:
                   "training_folder": str(self.training_folder(run)),
                   "checkpoint": self._checkpoint_signature(final),
                   "num_unlabeled_extra": self.extra_unlabeled_cases() if run.role == SSL else 0,
-                  "training": {} if run.role == GENERALIST else training_log(final), "timings": timings,
+                  "training": {} if run.role in PREDICT_ONLY else training_log(final), "timings": timings,
                   "machine": machine,
                   "evaluation": evaluation}
         if student is not None:  # the trained network of a run that exports another model (checkpoint_student.pth)
@@ -642,6 +685,10 @@ class Benchmark:
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.predict_generalist_command(run))}"
                              f" and evaluation")
                 lines.append(f"#   after {self.labeled_only_run(run).run_id}: its model prompts the generalist")
+            elif run.role == COTRAINED_SAM:
+                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.predict_sam_command(run))} "
+                             f"and evaluation")
+                lines.append(f"#   after {self.co_training_run(run).run_id}: its checkpoint holds the SAM")
             elif self.prestage_trains(run):
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.prestage_command(run))} "
                              f"(trains the run), then nnUNetv2_predict -f {run.fold} on the test cases and evaluation")

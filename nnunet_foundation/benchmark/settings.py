@@ -9,6 +9,10 @@ from typing import List, Optional, Tuple
 LOWER, SSL, UPPER = "labeled-only", "semi-supervised", "fully supervised"
 #: role of the --generalist-row runs: no training; the generalist prompted by the fold's labeled-only model predicts
 GENERALIST = "generalist alone"
+#: role of the rows of a co-training trainer's own SAM (SC-SAM, SynFoC: ``cotrained_sam`` on the class): no training;
+#: the SAM that the fold's run of that trainer fine-tuned predicts the test set (predict-sam-student), scored beside
+#: the run's nnU-Net, since SC-SAM's paper reports its SAM
+COTRAINED_SAM = "co-trained SAM"
 #: the stock trainer that gives both bounds (with the budget suffix) with --no-ema-baselines
 STOCK_TRAINER = "nnUNetTrainer"
 #: the default trainer of both bounds: the stock training exporting an EMA of its weights, as the teacher-based
@@ -205,6 +209,8 @@ class Run:
     pseudo_labels: Optional[str] = None
     # GENERALIST runs: the labeled-only trainer class whose model prompts the generalist (its training folder)
     prompted_by: Optional[str] = None
+    # COTRAINED_SAM runs: the co-training trainer class whose run's checkpoint holds the SAM (its training folder)
+    sam_of: Optional[str] = None
     # the trainer class has a per-fold pre-stage (``benchmark_prestage``, e.g. SFR's fine-tuning) run before training
     prestage: bool = False
 
@@ -225,4 +231,5 @@ class Run:
                 "num_unlabeled_from_split": len(self.split.get("unlabeled", [])),
                 **({"pseudo_labels": self.pseudo_labels} if self.pseudo_labels else {}),
                 **({"prompted_by": self.prompted_by} if self.prompted_by else {}),
+                **({"sam_of": self.sam_of} if self.sam_of else {}),
                 **({"prestage": True} if self.prestage else {})}

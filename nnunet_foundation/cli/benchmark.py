@@ -116,7 +116,9 @@ def register(subparsers) -> None:
     p.add_argument("--trainers", nargs="*", default=["nnUNetTrainerMeanTeacher"],
                    help="semi-supervised trainers, without budget suffix (default: nnUNetTrainerMeanTeacher; "
                         "'--trainers' alone: none, for a benchmark of --cached-trainers only); nnUNetTrainerEMA (or "
-                        "nnUNetTrainer with --no-ema-baselines) always runs as lower and upper bound")
+                        "nnUNetTrainer with --no-ema-baselines) always runs as lower and upper bound. A trainer "
+                        "that fine-tunes a SAM of its own (nnUNetTrainerSCSAM, nnUNetTrainerSynFoC) adds a row of "
+                        "that SAM (TRAINER+sam: predict-sam-student after its run, no training)")
     p.add_argument("--cached-trainers", nargs="+", metavar="TRAINER",
                    help="trainers that learn from an offline generalist cache (setting 'pseudo_labels', e.g. "
                         "nnUNetTrainerSemiSAM): per scarce fold, the fold's labeled-only model prompts the generalist "

@@ -59,6 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities (.npz)")
     p.add_argument("-npp", type=int, default=3, help="preprocessing processes")
-    p.add_argument("-nps", type=int, default=3, help="segmentation export processes")
+    p.add_argument("-nps", type=int, default=3,
+                   help="segmentation export processes (-npp 0 -nps 0: no worker processes, as nnUNetv2_predict)")
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="device to predict on")
     p.set_defaults(func=run)

@@ -14,6 +14,7 @@ mirroring and export and their scores can be compared directly::
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -195,7 +196,16 @@ def predict_sam_student(model_folder: Union[str, Path], input_folder: str, outpu
     predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration(info["configuration"]),
                                     parameters, dataset_json, info["trainer_name"],
                                     info["inference_allowed_mirroring_axes"])
-    results = predictor.predict_from_files(input_folder, output_folder, save_probabilities=save_probabilities,
-                                           overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
-                                           num_processes_segmentation_export=num_processes_segmentation_export)
-    return len(results) if results is not None else 0, info
+    if num_processes_preprocessing == 0 and num_processes_segmentation_export == 0:
+        # nnUNetv2_predict -npp 0 -nps 0: nnU-Net's sequential path, no worker processes (the benchmark's -np 0)
+        os.makedirs(output_folder, exist_ok=True)  # that path writes its arguments there before making it
+        predictor.predict_from_files_sequential(input_folder, output_folder, save_probabilities=save_probabilities,
+                                                overwrite=True)
+    else:
+        predictor.predict_from_files(input_folder, output_folder, save_probabilities=save_probabilities,
+                                     overwrite=True, num_processes_preprocessing=num_processes_preprocessing,
+                                     num_processes_segmentation_export=num_processes_segmentation_export)
+    # the number of input cases (the sequential path returns nothing for the cases it writes)
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    return len(create_lists_from_splitted_dataset_folder(input_folder, dataset_json["file_ending"])), info

@@ -109,6 +109,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     num_strong_views: int = 0
     #: what ``network_weights`` holds (``inference_network``), in words for reports (the benchmark's)
     exported_model: str = "student"
+    #: the checkpoint also holds a SAM this trainer fine-tuned (SynFoC, SC-SAM): predict-sam-student segments with
+    #: it, and the benchmark scores it as a row of its own beside the run's nnU-Net
+    cotrained_sam: bool = False
     #: the random ranges of those strong views (training/views.py); SynFoC uses its reference's
     strong_view_strength: StrongViewStrength = REFERENCE_STRENGTH
 

@@ -36,6 +36,7 @@ class nnUNetTrainerSynFoC(nnUNetTrainerSemiSupervised):
     """
 
     num_strong_views = 1
+    cotrained_sam = True
     # the reference's strong view: brightness and contrast U(0.1, 2) and a blur, always on (training/views.py)
     strong_view_strength = SYNFOC_STRENGTH
     default_settings = {
