@@ -39,7 +39,9 @@
 #
 # Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results exported. TRAINERS overrides the semi-supervised trainers
 # ("" for none; default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain - issue 19's
-# mixed-domain method, never told the domains; add nnUNetTrainerIFLRound1 nnUNetTrainerIFLRound2 for IFL's rounds: round r's LiteMedSAM
+# mixed-domain method, never told the domains; nnUNetTrainerSCSAM adds SC-SAM's nnU-Net and, as its own row, the
+# SAM it co-trains (predict-sam-student; docs/benchmarks/polyps_scsam_cpu ran it with nnUNet_ssl_lora_rank=0,
+# about 5 min per epoch on two cores); add nnUNetTrainerIFLRound1 nnUNetTrainerIFLRound2 for IFL's rounds: round r's LiteMedSAM
 # labels prompted by round r-1's model, each round about 15 min of labels + one training; round 1 is self-training
 # warm-started from the labeled-only model), CACHED_TRAINERS those trained from the LiteMedSAM cache
 # (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining; add nnUNetTrainerSemiSAMMixedDomain for the SemiSAM term on

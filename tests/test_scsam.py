@@ -187,6 +187,27 @@ def test_each_loss_reaches_its_own_model_and_the_frozen_sam_stays(trainer_factor
     assert t.optimizer_sam.param_groups[0]["lr"] == pytest.approx(lr0 * (1 - 2 / t.total_iterations))
 
 
+def test_lora_rank_0_keeps_the_whole_image_encoder_frozen(trainer_factory, sam_checkpoint, monkeypatch):
+    """The CPU polyp study's variant (no backward through the encoder): nothing of the encoder learns, SAM's
+    prompt encoder, decoder and tokens still do, and SAM's loss still reaches them."""
+    preprocess_unlabeled_cli(trainer_factory.env, ("2d",))
+    monkeypatch.setenv("nnUNet_ssl_generalists", tiny_generalist(sam_checkpoint))
+    monkeypatch.setenv("nnUNet_ssl_prompt_token_channels", "8")
+    monkeypatch.setenv("nnUNet_ssl_lora_rank", "0")
+    t = trainer_factory(SCSAM, "2d")
+    t.on_train_start()
+    t.on_train_epoch_start()
+    assert not any(".lora_" in n for n, _ in t.sam.named_parameters())
+    encoder = {n: v.clone() for n, v in t.sam.state_dict().items() if n.startswith("sam.image_encoder.")}
+    decoder = {n: v.clone() for n, v in t.sam.state_dict().items() if n.startswith("sam.mask_decoder.")}
+    assert encoder and not any(p.requires_grad for n, p in t.sam.named_parameters() if "image_encoder" in n)
+    logs = t.train_step(next(t.dataloader_train))
+    assert logs["sam_loss"] > 0
+    after = t.sam.state_dict()
+    assert all(torch.equal(v, after[n]) for n, v in encoder.items())
+    assert any(not torch.equal(v, after[n]) for n, v in decoder.items())
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
 def test_scsam_trains_predicts_and_resumes(synthetic_dataset, sam_checkpoint, tmp_path, configuration):

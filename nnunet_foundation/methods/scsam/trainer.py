@@ -84,6 +84,7 @@ class nnUNetTrainerSCSAM(nnUNetTrainerSemiSupervised):
     }
     ssl_log_keys = ("unsup_loss", "unsup_weight", "entropy", "sam_loss", "sam_unsup_loss", "sam_unsup_weight",
                     "agreement")
+    cotrained_sam = True  # the paper reports this SAM, prompted by the trained nnU-Net (predict-sam-student)
 
     # nnU-Net records its caller's arguments by name (locals()[name] for every parameter of type(self).__init__), so
     # a trainer's __init__ must keep exactly nnU-Net's signature: no *args/**kwargs.
@@ -116,8 +117,10 @@ class nnUNetTrainerSCSAM(nnUNetTrainerSemiSupervised):
                                      p["channels"]).to(self.device)
         self.optimizer_sam = torch.optim.Adam(self.sam.trainable_parameters(), lr=self.ssl_settings["sam_lr"])
         self.add_trained_module(self.sam, self.optimizer_sam)
-        self.print_to_log_file(f"SC-SAM generalist (LoRA rank {self.ssl_settings['lora_rank']} on the image encoder, "
-                               f"prompt encoder, decoder and prompt tokens trained): "
+        rank = self.ssl_settings["lora_rank"]
+        # lora_rank 0: the image encoder stays frozen (a CPU-affordable variant: no backward through it)
+        encoder = f"LoRA rank {rank} on the image encoder" if rank else "image encoder frozen (lora_rank 0)"
+        self.print_to_log_file(f"SC-SAM generalist ({encoder}, prompt encoder, decoder and prompt tokens trained): "
                                f"{describe_generalist(self.sam_config)}")
 
     def sam_logits(self, images: torch.Tensor, specialist_argmax: torch.Tensor) -> torch.Tensor:
