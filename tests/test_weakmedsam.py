@@ -8,6 +8,7 @@ checks the plumbing and the data contract, never pseudo-mask quality (README 'We
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -381,3 +382,63 @@ def test_3d_cases_are_sliced_along_the_side_file_axis(tmp_path):
         mask = sitk.GetArrayFromImage(mask_image)  # (z, y, x); slices along x
         for i, labels in enumerate(slices):
             assert set(np.unique(mask[:, :, i])) - {0} <= set(labels)
+
+
+def test_the_check_on_labeled_cases_scores_a_perfect_pseudo_labeler_1_and_an_empty_one_0(tmp_path):
+    """The labeled-case check pins its numbers: a pseudo-labeler that returns the truth scores Dice 1 for every
+    class and every slice label right; one that returns background scores 0. The images equal 100 x the masks, so
+    'perfect' is computed from the slices the check hands over (read along the side file's axis): a mask read along
+    another axis than its image would score below 1."""
+    import SimpleITK as sitk
+
+    from nnunet_foundation.methods.weakmedsam.pipeline import WeakDataset, WeakMedSAMRun, WeakMedSAMSettings
+    from nnunet_foundation.methods.weakmedsam.weak_labels import derive_weak_labels
+
+    folder = tmp_path / "Dataset935_Check"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        seg = np.zeros((5, 12, 9), np.uint8)  # (z, y, x); slices along x (axis 2) differ from z slices
+        seg[1:4, 2:7, 1 + i:5 + i] = 1
+        seg[2:5, 7:11, 3:8] = 2
+        seg[rng.random(seg.shape) < 0.05] = 0
+        for array, path in ((seg * 100.0, folder / "imagesTr" / f"c{i}_0000.nii.gz"),
+                            (seg, folder / "labelsTr" / f"c{i}.nii.gz")):
+            image = sitk.GetImageFromArray(array.astype(np.float32 if array.dtype != np.uint8 else np.uint8))
+            image.SetSpacing((1.5, 1.0, 2.0))
+            sitk.WriteImage(image, str(path))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz",
+                                                     "labels": {"background": 0, "a": 1, "b": 2},
+                                                     "numTraining": 3}))
+    derive_weak_labels(str(folder), axis=2, cases=["c0"])
+    (folder / "labelsTr" / "c0.nii.gz").unlink()  # c0 is the weak case, c1 and c2 keep their masks
+    source = WeakDataset(str(folder))
+    assert source.labeled == ["c1", "c2"] and source.weak == ["c0"]
+    run = WeakMedSAMRun(source, str(tmp_path / "out"), {"backend": "sam", "model_type": "tiny"},
+                        WeakMedSAMSettings(), log=lambda m: None)
+    os.makedirs(run.work)
+    seen = []
+
+    def perfect(slices, slice_labels):
+        seen.append([list(labels) for labels in slice_labels])
+        return np.rint(slices / 100).astype(np.uint8), len(slice_labels)
+
+    run.case_masks = perfect
+    check = run.check_on_labeled_cases()
+    assert check["mean_dice"] == {"1": 1.0, "2": 1.0}
+    for case, entry in check["cases"].items():
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
+        assert entry["slices"] == mask.shape[2] == entry["label_correct"]  # slices along axis 2, all labels right
+        assert entry["foreground_fraction"] == entry["foreground_fraction_mask"] == pytest.approx((mask > 0).mean())
+    # the slice labels handed to the pseudo-labeler are the classes each slice's mask holds
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "c1.nii.gz")))
+    assert seen[0] == [sorted(int(v) for v in np.unique(mask[:, :, i]) if v) for i in range(mask.shape[2])]
+    # saved and reused; a pseudo-labeler that finds nothing scores 0 once the saved check is gone
+    assert json.loads((Path(run.work) / "labeled_check.json").read_text()) == check
+    run.case_masks = lambda slices, labels: (np.zeros(slices.shape, np.uint8), 0)
+    assert run.check_on_labeled_cases() == check
+    os.remove(os.path.join(run.work, "labeled_check.json"))
+    empty = run.check_on_labeled_cases()
+    assert empty["mean_dice"] == {"1": 0.0, "2": 0.0} and all(e["foreground_fraction"] == 0
+                                                            for e in empty["cases"].values())
