@@ -549,23 +549,15 @@ class Benchmark:
             t_run = time.time()
             timings = {}
             logs = self.output / "logs"
-            if run.role == GENERALIST:
-                if status == WAITING:
-                    raise BenchmarkError(f"{run.run_id} is the generalist prompted by the model of run "
-                                         f"{self.labeled_only_run(run).run_id}: train that run first (it is the job "
-                                         f"line before this one; --run {self.labeled_only_run(run).run_id}).")
-                print(f"{head}: the generalist alone, prompted by {self.training_folder(run)}", flush=True)
+            if run.role in PREDICT_ONLY:  # a prediction with the model of another run of the fold
+                model = self.labeled_only_run(run) if run.role == GENERALIST else self.co_training_run(run)
+                if status in (WAITING, SAM_WAITING):
+                    raise BenchmarkError(f"{run.run_id} predicts with the model of run {model.run_id}: train that run "
+                                         f"first (it is the job line before this one; --run {model.run_id}).")
+                what = "the generalist alone, prompted by" if run.role == GENERALIST else "the SAM co-trained by"
+                print(f"{head}: {what} {self.training_folder(run)}", flush=True)
                 shutil.rmtree(self.predictions_folder(run), ignore_errors=True)
-                timings["generalist_wall_s"] = self._run_command(self.predict_generalist_command(run),
-                                                                 logs / f"{run.run_id}.predict.log")
-            elif run.role == COTRAINED_SAM:
-                if status == SAM_WAITING:
-                    raise BenchmarkError(f"{run.run_id} is the SAM that run {self.co_training_run(run).run_id} "
-                                         f"fine-tunes: train that run first (it is the job line before this one; "
-                                         f"--run {self.co_training_run(run).run_id}).")
-                print(f"{head}: the SAM co-trained by {self.training_folder(run)}", flush=True)
-                shutil.rmtree(self.predictions_folder(run), ignore_errors=True)
-                timings["generalist_wall_s"] = self._run_command(self.predict_sam_command(run),
+                timings["generalist_wall_s"] = self._run_command(self.main_command(run),
                                                                  logs / f"{run.run_id}.predict.log")
             elif status in (TRAIN, RESUME):
                 verb = "resuming training (--c)" if status == RESUME else "training"
