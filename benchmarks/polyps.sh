@@ -41,7 +41,7 @@
 # ("" for none; default: nnUNetTrainerMeanTeacher nnUNetTrainerCPS nnUNetTrainerMixedDomain - issue 19's
 # mixed-domain method, never told the domains; nnUNetTrainerSCSAM adds SC-SAM's nnU-Net and, as its own row, the
 # SAM it co-trains (predict-sam-student; docs/benchmarks/polyps_scsam_cpu ran it with nnUNet_ssl_lora_rank=0,
-# about 5 min per epoch on two cores); add nnUNetTrainerIFLRound1 nnUNetTrainerIFLRound2 for IFL's rounds: round r's LiteMedSAM
+# about 4-5 min per epoch on two cores); add nnUNetTrainerIFLRound1 nnUNetTrainerIFLRound2 for IFL's rounds: round r's LiteMedSAM
 # labels prompted by round r-1's model, each round about 15 min of labels + one training; round 1 is self-training
 # warm-started from the labeled-only model), CACHED_TRAINERS those trained from the LiteMedSAM cache
 # (default: nnUNetTrainerSemiSAM nnUNetTrainerSelfTraining; add nnUNetTrainerSemiSAMMixedDomain for the SemiSAM term on

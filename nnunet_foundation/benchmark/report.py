@@ -473,9 +473,9 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
                 y = [_number(entries[c]["foreground_mean"][metric]["mean"], math.nan) for c in columns]
                 err = [_number(entries[c]["foreground_mean"][metric][std_key]) for c in columns]
                 role = entries[columns[0]]["role"]
-                kind = "labeled only" if role == LOWER else PRESTAGE_LABEL if entries[columns[0]].get("prestage") \
+                kind = "labeled only" if role == LOWER else COTRAINED_SAM_LABEL if role == COTRAINED_SAM \
+                    else PRESTAGE_LABEL if entries[columns[0]].get("prestage") \
                     else CACHED_LABEL if entries[columns[0]].get("pseudo_labels") else "semi-supervised"
-                kind = COTRAINED_SAM_LABEL if role == COTRAINED_SAM else kind
                 label = GENERALIST_LABEL if role == GENERALIST else f"{trainer} ({kind})"
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=label)
             if "all" in entries:

@@ -189,9 +189,14 @@ class Benchmark:
                                                       other_seeds_at=s.other_seeds_at or None)
         except SplitError as e:
             raise BenchmarkError(str(e)) from None
-        # looked up once (it imports every method module); prestage_command reuses it
-        self.prestage_hooks = prestaged = self._prestage_hooks()
-        cotrained = self._cotrained_sam_trainers()
+        # the benchmark's trainer classes, looked up once (it imports every method module)
+        from nnunet_foundation.training.settings import package_trainer_classes
+
+        methods = set(s.trainers) | set(s.cached_trainers)
+        classes = {cls.__name__: cls for cls in package_trainer_classes() if cls.__name__ in methods}
+        self.prestage_hooks = prestaged = self._prestage_hooks(classes)  # prestage_command reuses it
+        # online trainers that fine-tune a SAM of their own: each gets a row of that SAM
+        cotrained = {name for name in s.trainers if getattr(classes.get(name), "cotrained_sam", False)}
         runs: List[Run] = []
         for fold, info in zip(folds, infos):
             baseline = s.baseline_trainer
@@ -220,15 +225,12 @@ class Benchmark:
                                 pseudo_labels=own or cache, prestage=method in prestaged))
         return runs, folds, infos, test
 
-    def _prestage_hooks(self) -> dict:
+    def _prestage_hooks(self, classes: dict) -> dict:
         """Base trainer name -> its class's ``benchmark_prestage`` (a per-fold command before training, e.g. SFR's
-        fine-tuning), for the benchmark's trainers that have one; --prestage-options for any other is refused."""
-        from nnunet_foundation.training.settings import package_trainer_classes
-
+        fine-tuning), for the benchmark's trainer ``classes`` (name -> class) that have one; --prestage-options for
+        any other is refused."""
         s = self.settings
-        methods = set(s.trainers) | set(s.cached_trainers)
-        hooks = {cls.__name__: cls.benchmark_prestage for cls in package_trainer_classes()
-                 if cls.__name__ in methods and hasattr(cls, "benchmark_prestage")}
+        hooks = {name: cls.benchmark_prestage for name, cls in classes.items() if hasattr(cls, "benchmark_prestage")}
         for item in s.prestage_options:
             name = item.partition("=")[0]
             if name not in hooks:
@@ -239,13 +241,6 @@ class Benchmark:
                                  "--generalist-row and the pre-stage of a trainer that has one (nnUNetTrainerSFR); "
                                  "this benchmark has none of those")
         return hooks
-
-    def _cotrained_sam_trainers(self) -> set:
-        """Base names of the benchmark's online trainers that fine-tune a SAM of their own (``cotrained_sam``)."""
-        from nnunet_foundation.training.settings import package_trainer_classes
-
-        return {cls.__name__ for cls in package_trainer_classes()
-                if cls.__name__ in self.settings.trainers and getattr(cls, "cotrained_sam", False)}
 
     def _prestage_arguments(self, method: str, fold: int, cached: bool) -> dict:
         s = self.settings
@@ -266,6 +261,11 @@ class Benchmark:
     def co_training_run(self, run: Run) -> Run:
         """The run whose checkpoint holds the SAM of a co-trained SAM row (same fold)."""
         return next(r for r in self.runs if r.role == SSL and r.trainer == run.sam_of and r.fold == run.fold)
+
+    def model_run(self, run: Run) -> Run:
+        """The run whose model a row that trains nothing predicts with: a generalist row's prompting labeled-only
+        run, a co-trained SAM row's co-training run."""
+        return self.labeled_only_run(run) if run.role == GENERALIST else self.co_training_run(run)
 
     def labeled_only_run(self, run: Run) -> Run:
         """The labeled-only run of ``run``'s fold (its model prompts the generalist for ``run``'s cache)."""
@@ -550,7 +550,7 @@ class Benchmark:
             timings = {}
             logs = self.output / "logs"
             if run.role in PREDICT_ONLY:  # a prediction with the model of another run of the fold
-                model = self.labeled_only_run(run) if run.role == GENERALIST else self.co_training_run(run)
+                model = self.model_run(run)
                 if status in (WAITING, SAM_WAITING):
                     raise BenchmarkError(f"{run.run_id} predicts with the model of run {model.run_id}: train that run "
                                          f"first (it is the job line before this one; --run {model.run_id}).")
@@ -673,14 +673,11 @@ class Benchmark:
             if status == FINISHED:
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: finished")
                 continue
-            if run.role == GENERALIST:
-                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.predict_generalist_command(run))}"
-                             f" and evaluation")
-                lines.append(f"#   after {self.labeled_only_run(run).run_id}: its model prompts the generalist")
-            elif run.role == COTRAINED_SAM:
-                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.predict_sam_command(run))} "
-                             f"and evaluation")
-                lines.append(f"#   after {self.co_training_run(run).run_id}: its checkpoint holds the SAM")
+            if run.role in PREDICT_ONLY:
+                why = "its model prompts the generalist" if run.role == GENERALIST else "its checkpoint holds the SAM"
+                lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.main_command(run))} and "
+                             f"evaluation")
+                lines.append(f"#   after {self.model_run(run).run_id}: {why}")
             elif self.prestage_trains(run):
                 lines.append(f"# [{k}/{len(self.runs)}] {run.run_id}: {shlex.join(self.prestage_command(run))} "
                              f"(trains the run), then nnUNetv2_predict -f {run.fold} on the test cases and evaluation")
