@@ -86,6 +86,16 @@ def _bounding_box(mask: np.ndarray, margin: int = 1) -> Tuple[slice, ...]:
                  for c, n in zip(coords, mask.shape))
 
 
+#: File endings nnU-Net reads as natural images (NaturalImage2DIO): no spacing in the file, so nnU-Net gives each
+#: pixel spacing 1 and every distance (HD95, NSD tolerance) is in pixels, not mm.
+PIXEL_SPACING_ENDINGS = (".png", ".bmp", ".jpg", ".jpeg")
+
+
+def distance_unit(dataset_json: dict) -> str:
+    """'px' for datasets of natural images (distances in pixels), else 'mm' (spacing from the image headers)."""
+    return "px" if str(dataset_json.get("file_ending", "")).lower() in PIXEL_SPACING_ENDINGS else "mm"
+
+
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape, dtype=float) * np.asarray(spacing, dtype=float)) ** 2)))
 
@@ -301,8 +311,10 @@ def evaluate_folder(reference_folder: str, prediction_folder: str, dataset_json:
               "prediction_folder": os.path.abspath(prediction_folder),
               "classes": classes,
               "tolerance_mm": _normalise_tolerance(tolerance, list(classes)),
-              "conventions": "both masks empty: Dice 1, HD95 0, NSD 1; one empty: Dice 0, HD95 = image diagonal "
-                             "(mm), NSD 0",
+              # the key keeps its name for old results; the unit says what the distances are in
+              "distance_unit": distance_unit(dataset_json),
+              "conventions": "both masks empty: Dice 1, HD95 0, NSD 1; one empty: Dice 0, HD95 = image diagonal, "
+                             "NSD 0",
               "per_case": per_case, **summarise(per_case, classes)}
     if output_file:
         write_json(result, output_file)

@@ -270,6 +270,9 @@ def test_benchmark_report_gives_in_domain_and_cross_domain_metrics(converted, tm
     assert data["aggregates"][ssl]["2"]["foreground_mean"]["Dice"]["mean"] == pytest.approx(0.6)
     assert data["gap_closed"][ssl]["2"]["Dice"]["mean"] == pytest.approx(0.625)
     report = (bench.output / "report.md").read_text()
+    # PNGs have no spacing (nnU-Net reads each pixel as 1 x 1): the report says pixels, not mm
+    assert data["metrics"]["distance_unit"] == "px" and "HD95 in px" in report and "HD95 (px)" in report
+    assert " mm" not in report
     assert "### cvc (cross-domain): 3 test cases from 1 held-out groups" in report
     assert "### kvasir (in-domain): 2 test cases" in report and "(cvc 3, kvasir 2)" in report
     assert data["aggregates"][ssl]["2"]["seeds"] == [0, 1] and data["aggregates"][ssl]["1"]["seeds"] == [0]

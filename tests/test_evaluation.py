@@ -180,7 +180,7 @@ def test_evaluate_folder_refuses_missing_predictions(scored_folders):
         evaluate_folder(str(ref_dir), str(ref_dir), str(dataset_json), tolerance={"7": 1.0})
 
 
-def test_evaluate_cli_prints_table_and_writes_json(scored_folders, tmp_path):
+def test_evaluate_cli_prints_table_and_writes_json(scored_folders, tmp_path, capsys):
     from nnunet_foundation.cli import main
 
     ref_dir, pred_dir, dataset_json, _, _ = scored_folders
@@ -188,5 +188,7 @@ def test_evaluate_cli_prints_table_and_writes_json(scored_folders, tmp_path):
     assert main(["evaluate", "-ref", str(ref_dir), "-pred", str(pred_dir), "--dataset-json", str(dataset_json),
                  "--tolerance", "7.5", "-o", str(out)]) == 0
     assert len(json.loads(out.read_text())["per_case"]) == 3
+    # NIfTI images carry their spacing: distances in mm
+    assert json.loads(out.read_text())["distance_unit"] == "mm" and "HD95 in mm" in capsys.readouterr().out
     assert main(["evaluate", "-ref", str(ref_dir), "-pred", str(tmp_path / "nope"), "--dataset-json",
                  str(dataset_json)]) == 2

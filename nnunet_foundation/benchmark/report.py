@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_foundation.benchmark.settings import COTRAINED_SAM, GENERALIST, LOWER, SSL, UPPER, exported_model
-from nnunet_foundation.evaluation import METRICS, gap_closed, mean_std, write_json
+from nnunet_foundation.evaluation import METRICS, distance_unit, gap_closed, mean_std, write_json
 
 #: decimals per metric in report.md
 DECIMALS = {"Dice": 3, "NSD": 3, "HD95": 2}
@@ -183,11 +183,12 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
         "metrics": {"foreground_mean": "per test case, the mean over foreground classes; then mean and std over "
                                        "test cases pooled over seeds (std_over_cases) and std of per-seed means "
                                        "(std_over_seeds)",
-                    "HD95": "mm, max of the two directed 95th percentiles of surface distances",
+                    "HD95": "max of the two directed 95th percentiles of surface distances, in distance_unit",
                     "NSD": "normalised surface distance (surface Dice) at the tolerance below",
                     "tolerance_mm": results[0]["evaluation"]["tolerance_mm"] if results else None,
-                    "empty_masks": "both empty: Dice 1, HD95 0, NSD 1; one empty: Dice 0, HD95 = image diagonal "
-                                   "(mm), NSD 0"},
+                    "distance_unit": distance_unit(bench.dataset_json),
+                    "empty_masks": "both empty: Dice 1, HD95 0, NSD 1; one empty: Dice 0, HD95 = image diagonal, "
+                                   "NSD 0"},
         "machine": {"report": machine_info(s.device), "runs": machines},
         "command": command,
         "canonical_command": s.command(str(bench.output)),
@@ -252,6 +253,8 @@ def render_markdown(data: dict, plots: List[str]) -> str:
     from nnunet_foundation.benchmark.machine import describe
 
     tolerance = data["metrics"]["tolerance_mm"] or {}
+    unit = _distance_unit(data)
+    pixels = " - pixels: the images carry no spacing" if unit == "px" else ""
     lines = [f"# Label-scarcity benchmark: {data['dataset']}, {data['configuration']}", "",
              f"- **Budget** `{b['name']}`: {b['description']} — {b['total_iterations']} iterations, the same for "
              f"every run.",
@@ -280,14 +283,14 @@ def render_markdown(data: dict, plots: List[str]) -> str:
              f"- **Command**: `{data['command'] or data['canonical_command']}`",
              "",
              "Metrics per test case are means over the foreground classes; cells are mean ± std over test cases "
-             "(pooled over seeds). HD95 in mm (lower is better); NSD at "
-             + ", ".join(f"{_class_name(data, k)} {v:g} mm" for k, v in tolerance.items())
+             f"(pooled over seeds). HD95 in {unit} (lower is better){pixels}; NSD at "
+             + ", ".join(f"{_class_name(data, k)} {v:g} {unit}" for k, v in tolerance.items())
              + ". Empty masks: both empty → Dice 1, HD95 0, NSD 1; one empty → Dice 0, HD95 = image diagonal, NSD 0.",
              ""]
     if data["missing_runs"]:
         lines += [f"**Incomplete**: {len(data['missing_runs'])} run(s) not finished yet and left out: "
                   + ", ".join(f"`{r}`" for r in data["missing_runs"]), ""]
-    for metric, title in (("Dice", "Dice"), ("HD95", "HD95 (mm)"), ("NSD", "NSD")):
+    for metric, title in (("Dice", "Dice"), ("HD95", f"HD95 ({unit})"), ("NSD", "NSD")):
         lines += [f"## {title}", ""] + _metric_table(data, metric, "std_over_cases", columns, upper_label) + [""]
     if len(data["seeds"]) > 1:
         lines += ["## Dice, mean ± std over seeds", "",
@@ -379,11 +382,18 @@ def _gap_table(gap_closed: dict) -> List[str]:
     return lines
 
 
+def _distance_unit(data: dict) -> str:
+    """What HD95 and the NSD tolerance are in: 'px' for natural images; results.json files from before the unit was
+    recorded were all in mm."""
+    return data["metrics"].get("distance_unit", "mm")
+
+
 def _per_domain_sections(data: dict, columns: List[str], upper_label: str) -> List[str]:
     """The tables above once more for the test cases of each domain (in-domain / cross-domain)."""
     by_domain = data.get("by_test_domain") or {}
     if not by_domain:
         return []
+    unit = _distance_unit(data)
     lines = ["## Per test domain", "",
              "The same numbers for the test cases of each domain separately (domains from the dataset's "
              "`domains.json`). In-domain: the domain the labeled cases come from (`--labeled-domain`); cross-domain: "
@@ -393,7 +403,7 @@ def _per_domain_sections(data: dict, columns: List[str], upper_label: str) -> Li
         setting = f" ({entry['setting']})" if entry.get("setting") else ""
         groups = f" from {entry['num_test_groups']} held-out groups" if entry.get("num_test_groups") else ""
         lines += [f"### {domain}{setting}: {entry['num_test_cases']} test cases{groups}", ""]
-        for metric, title in (("Dice", "Dice"), ("HD95", "HD95 (mm)"), ("NSD", "NSD")):
+        for metric, title in (("Dice", "Dice"), ("HD95", f"HD95 ({unit})"), ("NSD", "NSD")):
             lines += [f"{title}:", ""] + _metric_table(entry, metric, "std_over_cases", columns, upper_label) + [""]
         lines += ["Fraction of the gap closed:", ""] + _gap_table(entry["gap_closed"]) + [""]
     return lines
@@ -461,6 +471,7 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
     aggregates = data["aggregates"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
     colors = _trainer_colors(plt, data)
+    unit = _distance_unit(data)
     for ax, metric in zip(axes[0], metrics):
         several_seeds = len(data["seeds"]) > 1
         std_key = "std_over_seeds" if several_seeds else "std_over_cases"
@@ -487,7 +498,7 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
                 ax.axhspan(_number(stats["mean"]) - std, _number(stats["mean"]) + std, color=color, alpha=0.1)
         ax.set_xticks(data["labeled"])
         ax.set_xlabel("labeled training cases")
-        ax.set_ylabel(f"{metric}{' (mm)' if metric == 'HD95' else ''}, test set")
+        ax.set_ylabel(f"{metric}{f' ({unit})' if metric == 'HD95' else ''}, test set")
         ax.set_title(f"{metric}: mean ± std over {'seeds' if several_seeds else 'test cases'}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{data['dataset']} {data['configuration']}, budget '{data['budget']['name']}'", fontsize=10)

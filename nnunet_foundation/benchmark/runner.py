@@ -599,7 +599,9 @@ class Benchmark:
                     student = self._evaluate_folder(run, self.predictions_folder(run, student=True))
             result = self._evaluate(run, timings, machine, student)
             fg = result["evaluation"]["foreground_mean"]
-            print(f"{head}: Dice {fg['Dice']['mean']:.3f}, HD95 {fg['HD95']['mean']:.2f} mm, NSD "
+            from nnunet_foundation.evaluation import distance_unit
+
+            print(f"{head}: Dice {fg['Dice']['mean']:.3f}, HD95 {fg['HD95']['mean']:.2f} {distance_unit(self.dataset_json)}, NSD "
                   f"{fg['NSD']['mean']:.3f} on {len(self.test_cases)} test cases ({_minutes(time.time() - t_run)} "
                   f"for this run, {_minutes(time.time() - started)} elapsed)", flush=True)
             results.append(result)

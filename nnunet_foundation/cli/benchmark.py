@@ -154,7 +154,8 @@ def register(subparsers) -> None:
                         "of the other domains are unlabeled in every scarce fold and labeled in the fully "
                         "supervised one (default: all domains)")
     p.add_argument("--tolerance", nargs="+", metavar="MM|CLASS=MM",
-                   help="NSD tolerance in mm, for all classes and/or per class label value (default: 1.0)")
+                   help="NSD tolerance in mm (pixels for PNG/JPEG/BMP images), for all classes and/or per class "
+                        "label value (default: 1.0)")
     p.add_argument("--no-ema-baselines", dest="ema_baselines", action="store_false",
                    help="train the labeled-only and fully supervised runs with nnUNetTrainer_<budget>, which exports "
                         "its last weights, instead of nnUNetTrainerEMA_<budget>, which exports an EMA of its weights "

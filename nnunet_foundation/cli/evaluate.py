@@ -44,8 +44,9 @@ def run(args) -> int:
     except (EvaluationError, OSError, json.JSONDecodeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tolerances = ", ".join(f"{result['classes'][k]} {v:g} mm" for k, v in result["tolerance_mm"].items())
-    print(f"{len(result['per_case'])} cases; mean ± std over cases (HD95 in mm, NSD at {tolerances})")
+    unit = result["distance_unit"]
+    tolerances = ", ".join(f"{result['classes'][k]} {v:g} {unit}" for k, v in result["tolerance_mm"].items())
+    print(f"{len(result['per_case'])} cases; mean ± std over cases (HD95 in {unit}, NSD at {tolerances})")
     print("| class | " + " | ".join(METRICS) + " |")
     print("|---" * (len(METRICS) + 1) + "|")
     for key, name in result["classes"].items():
@@ -60,7 +61,8 @@ def register(subparsers) -> None:
         "evaluate", help="Dice, HD95 and NSD per case and class (spacing from the image headers)",
         description="Score every reference segmentation in REF against the file of the same name in PRED: Dice, "
                     "95th-percentile symmetric Hausdorff distance (mm) and normalised surface distance (NSD) at a "
-                    "tolerance in mm, per case and class, with the spacing read from the images by nnU-Net's reader. "
+                    "tolerance in mm, per case and class, with the spacing read from the images by nnU-Net's reader "
+                    "(PNG/JPEG/BMP images have none: nnU-Net gives them spacing 1, so both are in pixels). "
                     "Empty masks: both empty -> Dice 1, HD95 0, NSD 1; one empty -> Dice 0, HD95 = image "
                     "diagonal, NSD 0. A reference case without a prediction is an error.",
         epilog="examples:\n"
