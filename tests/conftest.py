@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist's two workers each run torch processes of two threads (nnUNetv2_train/_predict take every core) on a
+# 2-core machine, and libgomp's threads spin while they wait, stealing the core the other process needs: a small 3d
+# convolution net took 14 s in such a pair against 2.4 s alone. Spinning briefly before sleeping made it 4.8 s in the
+# pair and kept it 2.4 s alone (OMP_WAIT_POLICY=PASSIVE: 4.3 s and 3.6 s). Set before any test imports torch.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SYNTHETIC_ID = 900
@@ -53,6 +59,36 @@ def plan_and_preprocess(env: dict, dataset_id: int, configurations=("3d_fullres"
     plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", *configurations, "-np", 1,
              "--verify_dataset_integrity"], plan_env)
+    narrow_planned_networks(Path(env["nnUNet_preprocessed"]), dataset_id)
+
+
+#: Test networks get a quarter of the planned feature maps per stage (at least 4).
+TEST_WIDTH_DIVISOR = 4
+#: plans identifier of nnU-Net's un-narrowed plans of a test dataset
+FULL_WIDTH_PLANS = "nnUNetPlansFullWidth"
+
+
+def narrow_planned_networks(preprocessed: Path, dataset_id: int) -> None:
+    """Shrink the feature maps of every planned network of a test dataset (nnUNetPlans.json, edited in place the
+    way nnU-Net's documentation edits plans), keeping its stages, kernels and strides.
+
+    Why: on a CPU the convolutions of nnU-Net's planned widths (32 ... 256+ features) are most of a test's time - a
+    3d_fullres smoke iteration of the synthetic data took about 4 s - while what the tests check (the trainers'
+    losses, gradients, checkpoints, resume, export and the real nnUNetv2_* commands) does not depend on the width.
+    Every trainer, nnUNetv2_train and nnUNetv2_predict read the network from the plans, so all of them get it.
+    nnU-Net's own plans stay beside them as FULL_WIDTH_PLANS (same preprocessed data), for the tests whose recorded
+    numbers were taken with the planned widths."""
+    import json
+
+    (plans_file,) = Path(preprocessed).glob(f"Dataset{int(dataset_id):03d}_*/nnUNetPlans.json")
+    plans = json.loads(plans_file.read_text())
+    plans_file.with_name(f"{FULL_WIDTH_PLANS}.json").write_text(json.dumps({**plans, "plans_name": FULL_WIDTH_PLANS},
+                                                                           indent=4))
+    for configuration in plans["configurations"].values():
+        kwargs = configuration.get("architecture", {}).get("arch_kwargs", {})
+        if isinstance(kwargs.get("features_per_stage"), list):
+            kwargs["features_per_stage"] = [max(4, f // TEST_WIDTH_DIVISOR) for f in kwargs["features_per_stage"]]
+    plans_file.write_text(json.dumps(plans, indent=4))
 
 
 @pytest.fixture(scope="session")
@@ -96,17 +132,18 @@ def nnunet_tree(synthetic_dataset, tmp_path):
 @pytest.fixture
 def trainer_factory(nnunet_tree, monkeypatch):
     """Build trainers in-process (CPU) on the private dataset copy: factory(name, configuration='3d_fullres', fold=0,
-    continue_training=False)."""
+    continue_training=False, plans='nnUNetPlans'); plans=FULL_WIDTH_PLANS gives nnU-Net's planned widths."""
     root, env = nnunet_tree
     for k, v in env.items():
         if k.startswith("nnUNet_") or k == "OMP_NUM_THREADS":
             monkeypatch.setenv(k, v)
 
-    def make(name: str, configuration: str = "3d_fullres", fold=0, continue_training: bool = False):
+    def make(name: str, configuration: str = "3d_fullres", fold=0, continue_training: bool = False,
+             plans: str = "nnUNetPlans"):
         import torch
         from nnunetv2.run.run_training import get_trainer_from_args
 
-        return get_trainer_from_args(str(SYNTHETIC_ID), configuration, fold, name,
+        return get_trainer_from_args(str(SYNTHETIC_ID), configuration, fold, name, plans_identifier=plans,
                                      continue_training=continue_training, device=torch.device("cpu"))
 
     make.root, make.env = root, env

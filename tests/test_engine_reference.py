@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 from nnunet_foundation.training.networks import unwrap_network
 
-# recorded with commit 13cf667 (before the refactor) on CPU, float32
+from conftest import FULL_WIDTH_PLANS
+
+# recorded with commit 13cf667 (before the refactor) on CPU, float32, with nnU-Net's planned network widths (the
+# other tests train narrowed networks: conftest.narrow_planned_networks)
 REFERENCE = {
     "loss": 1.0392998456954956,
     "unsup_loss": 0.057077884674072266,
@@ -30,7 +33,7 @@ STEP = 3  # ssl_iteration of the step: EMA decay min(1 - 1/4, 0.99) = 0.75, ramp
 def _deterministic_trainer(trainer_factory):
     from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
-    t = trainer_factory("nnUNetTrainerMeanTeacher_smoke", configuration="2d")
+    t = trainer_factory("nnUNetTrainerMeanTeacher_smoke", configuration="2d", plans=FULL_WIDTH_PLANS)
     t.initialize()
     torch.manual_seed(0)
     unwrap_network(t.network).apply(InitWeights_He(1e-2))
