@@ -590,3 +590,34 @@ def test_a_co_training_row_scores_its_nnunet_and_its_sam(benchmark, tmp_path):
     assert f"{run_id}+sam" in report and "nnUNetTrainerSCSAM_smoke+sam" in results["gap_closed"]
     new = checkpoints(benchmark["results_dir"])
     assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 1  # SC-SAM's only
+
+
+def _scored_run(trainer, role, n, seed, dice):
+    """A finished run as results.json holds it, one test case of the given Dice (HD95, NSD alongside)."""
+    metrics = {"Dice": dice, "HD95": 10 * (1 - dice), "NSD": dice}
+    return {"run": {"trainer": trainer, "role": role, "method": trainer, "num_labeled": n, "num_train": n or 10,
+                    "seed": seed, "run_id": f"labeled-{n or 'all'}_seed-{seed}_{trainer}"},
+            "evaluation": {"classes": {"1": "fg"},
+                           "per_case": [{"case": "c0", "foreground_mean": metrics, "metrics": {"1": metrics}}],
+                           "foreground_mean": {m: {"mean": v} for m, v in metrics.items()}}}
+
+
+def test_report_says_which_seeds_a_row_pools_when_they_differ_from_its_bounds():
+    """A row measured at seed 1 only, pooled beside bounds of seeds 0 and 1, reads better or worse than it is (each
+    seed has its own labeled cases): its cells say so; rows with the bounds' seeds carry no note."""
+    from nnunet_foundation.benchmark import report
+
+    results = [_scored_run("Base", LOWER, 4, 0, 0.45), _scored_run("Base", LOWER, 4, 1, 0.35),
+               _scored_run("Base", UPPER, None, 0, 0.55), _scored_run("Base", UPPER, None, 1, 0.50),
+               _scored_run("Both", SSL, 4, 0, 0.50), _scored_run("Both", SSL, 4, 1, 0.40),
+               _scored_run("Late", SSL, 4, 1, 0.40)]
+    data = {"aggregates": report.aggregate(results)}
+    table = "\n".join(report._metric_table(data, "Dice", "std_over_cases", ["4", "all"], "all labeled"))
+    late = next(line for line in table.splitlines() if line.startswith("| Late "))
+    both = next(line for line in table.splitlines() if line.startswith("| Both "))
+    assert "0.400 (seed 1)" in late and "seed" not in both and "0.450" in both
+    gap_lines = report._gap_table(report.gaps(results))
+    late_gap = next(line for line in gap_lines if line.startswith("| Late | Dice"))
+    both_gap = next(line for line in gap_lines if line.startswith("| Both | Dice"))
+    # seed 1: (0.40 - 0.35) / (0.50 - 0.35) = 1/3
+    assert "0.333 (seed 1)" in late_gap and "seed" not in both_gap

@@ -220,8 +220,28 @@ def _rows_in_order(aggregates: dict) -> List[str]:
     return sorted(aggregates, key=key)
 
 
+def bound_seeds(aggregates: dict) -> Dict[str, List[int]]:
+    """{column: the seeds of the bound in that column} (the labeled-only row; 'all': the fully supervised row)."""
+    out = {}
+    for entries in aggregates.values():
+        for column, entry in entries.items():
+            if entry["role"] in (LOWER, UPPER):
+                out[column] = sorted(entry["seeds"])
+    return out
+
+
+def seeds_note(entry: dict, column: str, bounds: Dict[str, List[int]]) -> str:
+    """' (seed 1)' where a cell pools other seeds than its column's bound - a pooled mean over other seeds than the
+    bound's is not comparable with it (each seed has its own labeled cases) - else ''."""
+    seeds = sorted(entry["seeds"])
+    if column not in bounds or seeds == bounds[column]:
+        return ""
+    return f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+
+
 def _metric_table(data: dict, metric: str, std_key: str, columns: List[str], upper_label: str) -> List[str]:
     aggregates = data["aggregates"]
+    bounds = bound_seeds(aggregates)
     header = [f"{c} labeled" for c in columns if c != "all"] + ([upper_label] if "all" in columns else [])
     lines = ["| trainer | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for trainer in _rows_in_order(aggregates):
@@ -237,8 +257,8 @@ def _metric_table(data: dict, metric: str, std_key: str, columns: List[str], upp
             label = GENERALIST_LABEL
         elif any(e["role"] == COTRAINED_SAM for e in entries.values()):
             label = f"{trainer} ({COTRAINED_SAM_LABEL})"
-        cells = [fmt(entries[c]["foreground_mean"][metric], metric, std_key) if c in entries else ""
-                 for c in columns]
+        cells = [fmt(entries[c]["foreground_mean"][metric], metric, std_key) + seeds_note(entries[c], c, bounds)
+                 if c in entries else "" for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -287,6 +307,13 @@ def render_markdown(data: dict, plots: List[str]) -> str:
              + ", ".join(f"{_class_name(data, k)} {v:g} {unit}" for k, v in tolerance.items())
              + ". Empty masks: both empty → Dice 1, HD95 0, NSD 1; one empty → Dice 0, HD95 = image diagonal, NSD 0.",
              ""]
+    bounds = bound_seeds(aggregates)
+    if any(seeds_note(e, c, bounds) for t in aggregates.values() for c, e in t.items()):
+        lines += ["**Seeds differ between rows**: a cell marked (seed ...) pools only those seeds, while the bounds "
+                  "pool " + "; ".join(f"seeds {', '.join(map(str, v))} ({c} labeled)"
+                                      for c, v in sorted(bounds.items(), key=lambda kv: _column_sort_key(kv[0]))) +
+                  ". Each seed has its own labeled cases, so compare such a cell with the bound only through the "
+                  "fraction of the gap closed, which is computed per seed.", ""]
     if data["missing_runs"]:
         lines += [f"**Incomplete**: {len(data['missing_runs'])} run(s) not finished yet and left out: "
                   + ", ".join(f"`{r}`" for r in data["missing_runs"]), ""]
@@ -369,7 +396,11 @@ def render_markdown(data: dict, plots: List[str]) -> str:
 
 
 def _gap_table(gap_closed: dict) -> List[str]:
+    """Mean ± std over seeds; a cell over fewer seeds than others of its column says which (one row measured at
+    seed 1 only is not the same evidence as one measured at seeds 0 and 1)."""
     gap_columns = sorted({c for t in gap_closed.values() for c in t}, key=_column_sort_key)
+    column_seeds = {c: sorted({s for t in gap_closed.values() for s in t.get(c, {}).get("Dice", {}).get("per_seed", {})},
+                              key=int) for c in gap_columns}
     lines = ["| trainer | metric | " + " | ".join(f"{c} labeled" for c in gap_columns) + " |",
              "|---|---" + "|---" * len(gap_columns) + "|"]
     for trainer, per_column in sorted(gap_closed.items()):
@@ -377,7 +408,10 @@ def _gap_table(gap_closed: dict) -> List[str]:
             cells = []
             for c in gap_columns:
                 g = per_column.get(c, {}).get(metric)
-                cells.append("" if g is None else fmt({"mean": g["mean"], "std_over_cases": g["std"]}, "Dice"))
+                seeds = sorted(g["per_seed"], key=int) if g else []
+                note = f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})" \
+                    if g and seeds != column_seeds[c] else ""
+                cells.append("" if g is None else fmt({"mean": g["mean"], "std_over_cases": g["std"]}, "Dice") + note)
             lines.append(f"| {trainer} | {metric} | " + " | ".join(cells) + " |")
     return lines
 
@@ -472,6 +506,7 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
     colors = _trainer_colors(plt, data)
     unit = _distance_unit(data)
+    bounds = bound_seeds(aggregates)
     for ax, metric in zip(axes[0], metrics):
         several_seeds = len(data["seeds"]) > 1
         std_key = "std_over_seeds" if several_seeds else "std_over_cases"
@@ -489,6 +524,11 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
                     else CACHED_LABEL if entries[columns[0]].get("pseudo_labels") else "semi-supervised"
                 label = GENERALIST_LABEL if role == GENERALIST else f"{trainer} ({kind})"
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=color, label=label)
+                for c, xi, yi in zip(columns, x, y):  # a point over other seeds than its bound's says which
+                    note = seeds_note(entries[c], c, bounds).strip(" ()")
+                    if note and not math.isnan(yi):
+                        ax.annotate(note, (xi, yi), xytext=(5, 0), textcoords="offset points", fontsize=6,
+                                    color=color, va="center")
             if "all" in entries:
                 stats = entries["all"]["foreground_mean"][metric]
                 ax.axhline(_number(stats["mean"], math.nan), color=color, ls="--",
