@@ -501,15 +501,30 @@ def _trainer_colors(plt, data: dict) -> Dict[str, str]:
 
 
 def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
+    """One panel per metric, every row of the report against the labeled count (bounds as lines)."""
+    _plot_panels(data, [(data["aggregates"], metric, None) for metric in metrics], path)
+
+
+def plot_dice_per_domain(data: dict, path: Path) -> None:
+    """Dice against the labeled count, one panel per test domain (in-domain / cross-domain): the pooled plot hides
+    a method that helps in one domain and hurts in the other."""
+    panels = []
+    for domain, entry in data["by_test_domain"].items():
+        setting = f" ({entry['setting']})" if entry.get("setting") else ""
+        panels.append((entry["aggregates"], "Dice", f"{domain}{setting}, {entry['num_test_cases']} test cases"))
+    _plot_panels(data, panels, path)
+
+
+def _plot_panels(data: dict, panels, path: Path) -> None:
+    """panels: (aggregates, metric, title prefix or None) each; one shared legend below them."""
     plt = _plt()
-    aggregates = data["aggregates"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     colors = _trainer_colors(plt, data)
     unit = _distance_unit(data)
-    bounds = bound_seeds(aggregates)
-    for ax, metric in zip(axes[0], metrics):
-        several_seeds = len(data["seeds"]) > 1
-        std_key = "std_over_seeds" if several_seeds else "std_over_cases"
+    several_seeds = len(data["seeds"]) > 1
+    std_key = "std_over_seeds" if several_seeds else "std_over_cases"
+    for ax, (aggregates, metric, title) in zip(axes[0], panels):
+        bounds = bound_seeds(aggregates)
         for trainer in _rows_in_order(aggregates):
             entries = aggregates[trainer]
             columns = sorted((c for c in entries if c != "all"), key=int)
@@ -539,13 +554,18 @@ def plot_metric_vs_labeled(data: dict, metrics, path: Path) -> None:
         ax.set_xticks(data["labeled"])
         ax.set_xlabel("labeled training cases")
         ax.set_ylabel(f"{metric}{f' ({unit})' if metric == 'HD95' else ''}, test set")
-        ax.set_title(f"{metric}: mean ± std over {'seeds' if several_seeds else 'test cases'}", fontsize=10)
+        spread = f"{metric}: mean ± std over {'seeds' if several_seeds else 'test cases'}"
+        ax.set_title(f"{title}\n{spread}" if title else spread, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{data['dataset']} {data['configuration']}, budget '{data['budget']['name']}'", fontsize=10)
     fig.tight_layout()
-    # below the plots: the row labels are long and would hide points inside the axes
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7)
+    # below the plots: the row labels are long and would hide points inside the axes; every panel's rows (a domain
+    # panel may lack a row another has)
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -594,8 +614,12 @@ def write_reports(bench, results: List[dict], missing: List, command: Optional[s
     if results:
         plot_metric_vs_labeled(data, ["Dice"], out / "dice_vs_labeled.png")
         plot_metric_vs_labeled(data, ["NSD", "HD95"], out / "nsd_hd95_vs_labeled.png")
+        plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png"]
+        if data.get("by_test_domain"):
+            plot_dice_per_domain(data, out / "dice_vs_labeled_per_domain.png")
+            plots.append("dice_vs_labeled_per_domain.png")
         plot_training_curves(data, out / "training_curves.png")
-        plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png", "training_curves.png"]
+        plots.append("training_curves.png")
     # results.json went through JSON (NaN and all); render from what was written so both agree exactly
     with open(out / "results.json") as f:
         written = json.load(f)
