@@ -380,6 +380,13 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
     for run_id, r in runs.items():
         assert json.loads((out / "runs" / run_id / "result.json").read_text())["evaluation"] == r["evaluation"]
         assert r["training"]["epochs"] == 2 and len(r["training"]["curves"]["train_losses"]) == 2
+        # the training's CPU time (its processes, measured from here) beside its wall time: how busy it kept the cores
+        timings = r["timings"]
+        assert 0 < timings["train_cpu_s"] <= timings["train_wall_s"] * os.cpu_count() * 1.05
+        busy = timings["train_cpu_s"] / timings["train_wall_s"]
+        row = next(line for line in report.split("## Runs\n", 1)[1].splitlines() if line.startswith(f"| {run_id} |"))
+        assert f"| {busy:.1f} |" in row
+    assert "*cores busy*" in report
     assert "unsup_loss" in runs[RUN_IDS[1]]["training"]["curves"]  # SSL terms of the Mean Teacher log
     table = {}
     for line in report.split("## Dice\n", 1)[1].split("\n## ", 1)[0].splitlines():

@@ -372,13 +372,22 @@ def render_markdown(data: dict, plots: List[str]) -> str:
         lines += ["## Cost per iteration (benchmarks/trainer_cost.py)", "", data["cost"].get("header", ""), ""]
         lines += _cost_table(data["cost"]) + [""]
 
+    cores = data["machine"]["report"].get("cpu_cores")
     lines += ["## Runs", "",
-              "| run | fold | role | labeled | unlabeled | val | Dice | HD95 | NSD | epochs | train s | generalist s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "*cores busy*: the training's CPU seconds (all its processes) per wall-clock second"
+              + (f" ({cores} cores on this machine)" if cores else "") + ". A run with the machine to itself keeps "
+              "about as many cores busy as it has threads and workers; far fewer means it waited - for other work on "
+              "the machine, a pause, or the GPU - and its times are upper bounds.", "",
+              "| run | fold | role | labeled | unlabeled | val | Dice | HD95 | NSD | epochs | train s | cores busy "
+              "| generalist s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(data["runs"], key=lambda r: (r["run"]["seed"], r["run"]["fold"], ROLE_ORDER[r["run"]["role"]])):
         run, fg = r["run"], r["evaluation"]["foreground_mean"]
         unlabeled = run["num_unlabeled_from_split"] + r.get("num_unlabeled_extra", 0) if run["role"] == SSL else 0
         train_s = r["training"].get("seconds")
+        timings = r.get("timings", {})
+        busy = timings["train_cpu_s"] / timings["train_wall_s"] \
+            if timings.get("train_cpu_s") is not None and timings.get("train_wall_s") else None
         # the offline generalist's wall time (--cached-trainers: pseudo-labelling the fold's unlabeled cases)
         generalist_s = r.get("timings", {}).get("generalist_wall_s")
         rounds_s = r.get("timings", {}).get("prestage_wall_s")  # a run trained by its pre-stage (IFL's rounds)
@@ -386,6 +395,7 @@ def render_markdown(data: dict, plots: List[str]) -> str:
                      f"{run['num_val']} | " + " | ".join(
                          fmt({"mean": fg[mm]["mean"], "std_over_cases": fg[mm]["std"]}, mm) for mm in METRICS)
                      + f" | {r['training'].get('epochs', '')} | {'' if train_s is None else f'{train_s:.0f}'} | "
+                     + f"{'' if busy is None else f'{busy:.1f}'} | "
                      + (f"{generalist_s:.0f} |" if generalist_s is not None else
                         f"{rounds_s:.0f} (all rounds, trainings included) |" if rounds_s is not None else " |"))
     lines += [""]

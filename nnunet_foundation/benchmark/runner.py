@@ -73,6 +73,14 @@ def _write_json(data, path: Path) -> None:
     write_json(data, str(path))
 
 
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process of this one (and theirs, once waited for)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _minutes(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -577,9 +585,13 @@ class Benchmark:
                         timings["generalist_wall_s"] = self._run_command(cmd, logs / f"{run.run_id}.prestage.log")
                     elif run.pseudo_labels:  # finished cases are skipped, so a resumed run costs a model load only
                         timings["generalist_wall_s"] = self._make_pseudo_labels(run, logs)
+                    cpu_before = _children_cpu_seconds()
                     timings["train_wall_s"] = self._run_command(self.train_command(run, status == RESUME),
                                                                 logs / f"{run.run_id}.train.log", show_progress=True,
                                                                 env=self.training_environment(run))
+                    # CPU seconds of the training and its worker processes: against the wall time it says whether
+                    # the run had the cores to itself (a timing taken beside other work, or paused, shows it)
+                    timings["train_cpu_s"] = _children_cpu_seconds() - cpu_before
                 if not (self.training_folder(run) / "checkpoint_final.pth").is_file():
                     log = "prestage" if self.prestage_trains(run) else "train"
                     raise BenchmarkError(f"{run.trainer} finished without {self.training_folder(run)}/"
