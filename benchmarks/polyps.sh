@@ -31,7 +31,10 @@
 # LiteMedSAM once over the unlabeled pool (nnunet-foundation pseudo-label; about 0.9 s per image on two cores, so
 # roughly 15 minutes per fold for the ~930 unlabeled images, 4 folds), then SemiSAM trains with the cache as a
 # cross-entropy target of weight 1 for the whole run (nnUNet_ssl_sam_* below, unless set). With it the CPU study
-# exceeds 3 hours; CACHED_TRAINERS="" leaves it out. The self-training row learns from the same cache. The generalist
+# exceeds 3 hours; CACHED_TRAINERS="" leaves it out. Measured per scarce fold on a 2-core Intel Xeon, each run alone
+# (docs/benchmarks/polyps_cpu_xeon; training + the test-set predictions): labeled-only about 8 min, Mean Teacher 11,
+# CPS 15.5, SemiSAM 23 (12 of them the cache), self-training 10 (same cache), the generalist row 4: about 72 min
+# per fold without MixedDomain, so about 5 hours for the 4 scarce folds and the 2 fully supervised runs (8 min each). The self-training row learns from the same cache. The generalist
 # alone (--generalist-row: the cache's generalist prompted by each fold's labeled-only model on the test images; no
 # training) is one more row; GENERALIST_ROW=0 leaves it out. Add trainers with TRAINERS="..."; the estimate says what
 # each costs. The report's "Training
