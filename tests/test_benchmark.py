@@ -445,9 +445,30 @@ def test_rerun_skips_finished_runs_and_trains_nothing(benchmark):
     assert proc.stdout.count("finished earlier, skipped") == 3
     assert "training:" not in proc.stdout and "nnUNetv2_train" not in proc.stdout
     assert checkpoints(benchmark["results_dir"]) == before
+    # the closing lines name the PNGs written (one test domain here: no per-domain plot)
+    plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png", "training_curves.png"]
+    assert json.loads((benchmark["out"] / "results.json").read_text())["plots"] == plots
+    assert f"plots: {', '.join(str(Path(benchmark['out']).resolve() / name) for name in plots)}" in proc.stdout
     # same numbers; only the machine/command record may be rewritten
     assert json.loads((benchmark["out"] / "results.json").read_text())["aggregates"] == \
         json.loads(results_before)["aggregates"]
+
+
+@e2e
+def test_a_run_stopped_after_training_keeps_its_training_time(benchmark):
+    """A benchmark killed between a training and its evaluation (a job's time limit, a machine restart) predicts
+    the run on the next call; the training's timings, kept beside run.json when it ended, still reach result.json."""
+    run_folder = benchmark["out"] / "runs" / RUN_IDS[0]
+    finished = json.loads((run_folder / "result.json").read_text())
+    kept = json.loads((run_folder / "training_timings.json").read_text())
+    assert kept["timings"]["train_wall_s"] == finished["timings"]["train_wall_s"] > 0
+    (run_folder / "result.json").unlink()  # as if stopped while predicting
+    proc = run_cli(BENCHMARK_ARGS + ["--output", benchmark["out"], "--run", RUN_IDS[0]], benchmark["env"])
+    assert "trained earlier" in proc.stdout
+    again = json.loads((run_folder / "result.json").read_text())
+    assert again["timings"]["train_wall_s"] == finished["timings"]["train_wall_s"]
+    assert again["timings"]["train_cpu_s"] == finished["timings"]["train_cpu_s"]
+    assert again["evaluation"]["foreground_mean"] == finished["evaluation"]["foreground_mean"]
 
 
 @e2e

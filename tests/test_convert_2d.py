@@ -277,7 +277,7 @@ def test_benchmark_report_gives_in_domain_and_cross_domain_metrics(converted, tm
     assert "### kvasir (in-domain): 2 test cases" in report and "(cvc 3, kvasir 2)" in report
     # the Dice plot once more with a panel per domain, linked from the report
     assert (bench.output / "dice_vs_labeled_per_domain.png").stat().st_size > 10_000
-    assert "](dice_vs_labeled_per_domain.png)" in report
+    assert "](dice_vs_labeled_per_domain.png)" in report and "dice_vs_labeled_per_domain.png" in data["plots"]
     assert data["aggregates"][ssl]["2"]["seeds"] == [0, 1] and data["aggregates"][ssl]["1"]["seeds"] == [0]
     for gap in ("0.625", "0.750", "0.250"):  # overall, cvc, kvasir; columns 1 labeled (seed 0), 2 (seeds 0, 1)
         assert f"| nnUNetTrainerMeanTeacher_smoke | Dice | {gap} | {gap} ± 0.000 |" in report

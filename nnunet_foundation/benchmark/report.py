@@ -619,17 +619,20 @@ def write_reports(bench, results: List[dict], missing: List, command: Optional[s
     """results.json, report.md and the PNGs in the output folder; returns the results.json content."""
     out = bench.output
     data = build_results(bench, results, missing, command, cost)
-    write_json(data, str(out / "results.json"))
     plots = []
+    if results:
+        plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png"]
+        if data.get("by_test_domain"):
+            plots.append("dice_vs_labeled_per_domain.png")
+        plots.append("training_curves.png")
+    data["plots"] = plots  # the PNG files beside results.json, for the command's closing lines and for readers
+    write_json(data, str(out / "results.json"))
     if results:
         plot_metric_vs_labeled(data, ["Dice"], out / "dice_vs_labeled.png")
         plot_metric_vs_labeled(data, ["NSD", "HD95"], out / "nsd_hd95_vs_labeled.png")
-        plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png"]
         if data.get("by_test_domain"):
             plot_dice_per_domain(data, out / "dice_vs_labeled_per_domain.png")
-            plots.append("dice_vs_labeled_per_domain.png")
         plot_training_curves(data, out / "training_curves.png")
-        plots.append("training_curves.png")
     # results.json went through JSON (NaN and all); render from what was written so both agree exactly
     with open(out / "results.json") as f:
         written = json.load(f)

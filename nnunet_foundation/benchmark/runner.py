@@ -7,6 +7,8 @@ in ``nnUNet_results``):
     OUTPUT/.nnunet_foundation_benchmark    marker: dataset/configuration/plans this folder belongs to
     OUTPUT/test_data/imagesTs, labelsTs     copies of the held-out cases' raw files (the raw dataset is only read)
     OUTPUT/runs/<run_id>/run.json           the claim: this run's fold (and its digest) trains in <training folder>
+    OUTPUT/runs/<run_id>/training_timings.json  the training's (and generalist pass's) timings, written when it
+                                            ends, so that a run stopped before its evaluation keeps them
     OUTPUT/runs/<run_id>/result.json        written last: evaluation, training curves, timings (= "finished")
     OUTPUT/predictions/<run_id>/            nnUNetv2_predict output for the test cases
     OUTPUT/predictions/<run_id>+sam/        predict-sam-student output: the SAM a co-training run (SC-SAM, SynFoC)
@@ -596,8 +598,10 @@ class Benchmark:
                     log = "prestage" if self.prestage_trains(run) else "train"
                     raise BenchmarkError(f"{run.trainer} finished without {self.training_folder(run)}/"
                                          f"checkpoint_final.pth; see {logs / f'{run.run_id}.{log}.log'}")
+                self._save_training_timings(run, timings)
             else:
                 print(f"{head}: trained earlier ({self.training_folder(run)}), predicting", flush=True)
+                timings.update(self._saved_training_timings(run))
             student = None
             if run.role not in PREDICT_ONLY:
                 shutil.rmtree(self.predictions_folder(run), ignore_errors=True)  # ours; a partial one is useless
@@ -618,6 +622,23 @@ class Benchmark:
                   f"for this run, {_minutes(time.time() - started)} elapsed)", flush=True)
             results.append(result)
         return results
+
+    def _save_training_timings(self, run: Run, timings: dict) -> None:
+        """Kept beside run.json until result.json holds them: a benchmark stopped between training and evaluation
+        (a killed job, a machine restart) would otherwise report the run without its training time."""
+        final = self.training_folder(run) / "checkpoint_final.pth"
+        _write_json({"checkpoint": self._checkpoint_signature(final), "timings": timings},
+                    self.run_folder(run) / "training_timings.json")
+
+    def _saved_training_timings(self, run: Run) -> dict:
+        """The timings _save_training_timings kept for this run's current checkpoint; {} when none were kept here
+        (a training adopted from elsewhere) or the checkpoint has changed since."""
+        path = self.run_folder(run) / "training_timings.json"
+        if not path.is_file():
+            return {}
+        saved = _load_json(path)
+        final = self.training_folder(run) / "checkpoint_final.pth"
+        return saved["timings"] if saved.get("checkpoint") == self._checkpoint_signature(final) else {}
 
     def _evaluate_folder(self, run: Run, predictions: Path) -> dict:
         from nnunet_foundation.evaluation import EvaluationError, evaluate_folder, parse_tolerance

@@ -64,14 +64,14 @@ def run(args) -> int:
             results, missing = bench.finished_results()
         if not results:
             raise BenchmarkError("no finished run to report yet")
-        write_reports(bench, results, missing, command=command_line(args.argv) if args.argv else None,
-                      cost=cost)
+        written = write_reports(bench, results, missing, command=command_line(args.argv) if args.argv else None,
+                                cost=cost)
     except (BenchmarkError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = bench.output
-    print(f"\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}\nplots: {out / 'dice_vs_labeled.png'}, "
-          f"{out / 'nsd_hd95_vs_labeled.png'}, {out / 'training_curves.png'}")
+    print(f"\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}\n"
+          f"plots: {', '.join(str(out / name) for name in written['plots'])}")
     if missing:
         print(f"incomplete: {len(missing)} run(s) not finished: {', '.join(r.run_id for r in missing)}")
     return 0
