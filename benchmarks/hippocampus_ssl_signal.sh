@@ -5,7 +5,9 @@
 #
 # 1. the benchmark of docs/benchmarks/hippocampus_cpu2d/ (same splits: 2 and 4 labeled cases, seed 0, 4 validation
 #    cases, the same 40 held-out test cases; 2d, budget cpu2d) with EMA bounds (nnUNetTrainerEMA, the default) and
-#    UniMatch (TRAINERS overrides: e.g. TRAINERS="nnUNetTrainerUniMatch nnUNetTrainerMeanTeacher");
+#    UniMatch (TRAINERS overrides: e.g. TRAINERS="nnUNetTrainerUniMatch nnUNetTrainerMeanTeacher"). SEEDS=1 makes
+#    the second seed's splits (same test cases): its splits_final.json and folds differ from seed 0's, so give it
+#    nnUNet_preprocessed and nnUNet_results folders of its own (docs/benchmarks/hippocampus_cpu2d_ssl/seed1/);
 # 2. the Mean Teacher weight sweep on fold 0 (2 labeled cases), scored on the fold's 4 VALIDATION cases only (never
 #    the test set): unsup_weight in $MT_WEIGHTS (default "5 1") with the ramp-up ending at 30% of training, each a
 #    separate nnU-Net results folder under OUTPUT/sweep (the benchmark's labeled-only run of that fold gives the
@@ -19,6 +21,7 @@
 set -euo pipefail
 OUTPUT=${1:?usage: hippocampus_ssl_signal.sh OUTPUT}
 TRAINERS=${TRAINERS:-nnUNetTrainerUniMatch}
+SEEDS=${SEEDS:-0}
 MT_WEIGHTS=${MT_WEIGHTS-5 1}
 UNIMATCH_THRESHOLDS=${UNIMATCH_THRESHOLDS-}
 NP=${NNUNET_NP:-2}
@@ -26,7 +29,7 @@ NP=${NNUNET_NP:-2}
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
 
 # shellcheck disable=SC2206
-ARGS=(-d 4 -c 2d --labeled 2 4 --seeds 0 --num-val 4 --test-cases 40 --test-seed 0 --trainers $TRAINERS
+ARGS=(-d 4 -c 2d --labeled 2 4 --seeds $SEEDS --num-val 4 --test-cases 40 --test-seed 0 --trainers $TRAINERS
       --budget cpu2d --device cpu -np "$NP" --output "$OUTPUT/bench")
 echo "== benchmark (report: $OUTPUT/bench/report.md)"
 nnunet-foundation benchmark "${ARGS[@]}"
