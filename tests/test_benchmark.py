@@ -446,12 +446,12 @@ def test_rerun_skips_finished_runs_and_trains_nothing(benchmark):
     assert "training:" not in proc.stdout and "nnUNetv2_train" not in proc.stdout
     assert checkpoints(benchmark["results_dir"]) == before
     # the closing lines name the PNGs written (one test domain here: no per-domain plot)
+    results_after = json.loads((benchmark["out"] / "results.json").read_text())
     plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png", "training_curves.png"]
-    assert json.loads((benchmark["out"] / "results.json").read_text())["plots"] == plots
-    assert f"plots: {', '.join(str(Path(benchmark['out']).resolve() / name) for name in plots)}" in proc.stdout
+    assert results_after["plots"] == plots
+    assert f"plots: {', '.join(str(benchmark['out'].resolve() / name) for name in plots)}" in proc.stdout
     # same numbers; only the machine/command record may be rewritten
-    assert json.loads((benchmark["out"] / "results.json").read_text())["aggregates"] == \
-        json.loads(results_before)["aggregates"]
+    assert results_after["aggregates"] == json.loads(results_before)["aggregates"]
 
 
 @e2e

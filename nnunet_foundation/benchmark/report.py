@@ -619,24 +619,22 @@ def write_reports(bench, results: List[dict], missing: List, command: Optional[s
     """results.json, report.md and the PNGs in the output folder; returns the results.json content."""
     out = bench.output
     data = build_results(bench, results, missing, command, cost)
-    plots = []
+    # each PNG's file name and what draws it; results.json lists the names (the command's closing lines, readers)
+    plots = {}
     if results:
-        plots = ["dice_vs_labeled.png", "nsd_hd95_vs_labeled.png"]
+        plots["dice_vs_labeled.png"] = lambda path: plot_metric_vs_labeled(data, ["Dice"], path)
+        plots["nsd_hd95_vs_labeled.png"] = lambda path: plot_metric_vs_labeled(data, ["NSD", "HD95"], path)
         if data.get("by_test_domain"):
-            plots.append("dice_vs_labeled_per_domain.png")
-        plots.append("training_curves.png")
-    data["plots"] = plots  # the PNG files beside results.json, for the command's closing lines and for readers
+            plots["dice_vs_labeled_per_domain.png"] = lambda path: plot_dice_per_domain(data, path)
+        plots["training_curves.png"] = lambda path: plot_training_curves(data, path)
+    data["plots"] = list(plots)
     write_json(data, str(out / "results.json"))
-    if results:
-        plot_metric_vs_labeled(data, ["Dice"], out / "dice_vs_labeled.png")
-        plot_metric_vs_labeled(data, ["NSD", "HD95"], out / "nsd_hd95_vs_labeled.png")
-        if data.get("by_test_domain"):
-            plot_dice_per_domain(data, out / "dice_vs_labeled_per_domain.png")
-        plot_training_curves(data, out / "training_curves.png")
+    for name, draw in plots.items():
+        draw(out / name)
     # results.json went through JSON (NaN and all); render from what was written so both agree exactly
     with open(out / "results.json") as f:
         written = json.load(f)
-    (out / "report.md").write_text(render_markdown(written, plots))
+    (out / "report.md").write_text(render_markdown(written, written["plots"]))
     return written
 
 
