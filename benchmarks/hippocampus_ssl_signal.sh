@@ -12,7 +12,9 @@
 #    the test set): unsup_weight in $MT_WEIGHTS (default "5 1") with the ramp-up ending at 30% of training, each a
 #    separate nnU-Net results folder under OUTPUT/sweep (the benchmark's labeled-only run of that fold gives the
 #    validation Dice to beat);
-# 3. the UniMatch confidence-threshold sweep on the same fold and validation cases: confidence_threshold in
+# 3. the CPS weight sweep on the same fold and validation cases: unsup_weight in $CPS_WEIGHTS (default none; e.g.
+#    "1.5", the paper's constant weight) held constant from the first iteration (no ramp-up), as in the CPS paper;
+# 4. the UniMatch confidence-threshold sweep on the same fold and validation cases: confidence_threshold in
 #    $UNIMATCH_THRESHOLDS (default none; e.g. "0.8 0.7"). At 0.95 no foreground voxel was confident before t/T = 0.55
 #    (docs/benchmarks/hippocampus_cpu2d_ssl/README.md), so the term taught background only for half of training.
 #
@@ -24,6 +26,7 @@ TRAINERS=${TRAINERS:-nnUNetTrainerUniMatch}
 SEEDS=${SEEDS:-0}
 MT_WEIGHTS=${MT_WEIGHTS-5 1}
 UNIMATCH_THRESHOLDS=${UNIMATCH_THRESHOLDS-}
+CPS_WEIGHTS=${CPS_WEIGHTS-}
 NP=${NNUNET_NP:-2}
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
@@ -47,9 +50,16 @@ sweep_run() {
     python -c "import json,sys; print('validation Dice (fold 0, 4 cases), $label:',
 round(json.load(open(sys.argv[1]))['foreground_mean']['Dice'], 4))" "$summary"
 }
+# the Dice to beat: the benchmark's labeled-only run of fold 0 (2 labeled cases), on the same validation cases
+baseline="$nnUNet_results/Dataset004_Hippocampus/nnUNetTrainerEMA_cpu2d__nnUNetPlans__2d/fold_0/validation/summary.json"
+python -c "import json,sys; print('validation Dice (fold 0, 4 cases), labeled-only:',
+round(json.load(open(sys.argv[1]))['foreground_mean']['Dice'], 4))" "$baseline"
 for weight in $MT_WEIGHTS; do
     sweep_run "mt_w${weight}_r0.3" nnUNetTrainerMeanTeacher_cpu2d nnUNet_ssl_unsup_weight="$weight" \
         nnUNet_ssl_rampup_length=0.3
+done
+for weight in $CPS_WEIGHTS; do
+    sweep_run "cps_w${weight}_const" nnUNetTrainerCPS_cpu2d nnUNet_ssl_unsup_weight="$weight" nnUNet_ssl_rampup_length=0
 done
 for threshold in $UNIMATCH_THRESHOLDS; do
     sweep_run "unimatch_t${threshold}" nnUNetTrainerUniMatch_cpu2d nnUNet_ssl_confidence_threshold="$threshold"
