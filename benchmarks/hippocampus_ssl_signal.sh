@@ -37,6 +37,11 @@ ARGS=(-d 4 -c 2d --labeled 2 4 --seeds $SEEDS --num-val 4 --test-cases 40 --test
 echo "== benchmark (report: $OUTPUT/bench/report.md)"
 nnunet-foundation benchmark "${ARGS[@]}"
 
+# LABEL and an nnU-Net validation summary.json: prints its foreground Dice
+print_validation_dice() {
+    python -c "import json,sys; print('validation Dice (fold 0, 4 cases), ' + sys.argv[1] + ':',
+round(json.load(open(sys.argv[2]))['foreground_mean']['Dice'], 4))" "$1" "$2"
+}
 # one validation run of fold 0: LABEL, TRAINER, then the nnUNet_ssl_* settings that define it
 sweep_run() {
     local label=$1 trainer=$2; shift 2
@@ -47,13 +52,11 @@ sweep_run() {
         mkdir -p "$folder"
         env nnUNet_results="$folder" "$@" nnUNetv2_train 4 2d 0 -tr "$trainer" -device cpu > "$folder.log" 2>&1
     fi
-    python -c "import json,sys; print('validation Dice (fold 0, 4 cases), $label:',
-round(json.load(open(sys.argv[1]))['foreground_mean']['Dice'], 4))" "$summary"
+    print_validation_dice "$label" "$summary"
 }
 # the Dice to beat: the benchmark's labeled-only run of fold 0 (2 labeled cases), on the same validation cases
 baseline="$nnUNet_results/Dataset004_Hippocampus/nnUNetTrainerEMA_cpu2d__nnUNetPlans__2d/fold_0/validation/summary.json"
-python -c "import json,sys; print('validation Dice (fold 0, 4 cases), labeled-only:',
-round(json.load(open(sys.argv[1]))['foreground_mean']['Dice'], 4))" "$baseline"
+print_validation_dice labeled-only "$baseline"
 for weight in $MT_WEIGHTS; do
     sweep_run "mt_w${weight}_r0.3" nnUNetTrainerMeanTeacher_cpu2d nnUNet_ssl_unsup_weight="$weight" \
         nnUNet_ssl_rampup_length=0.3
