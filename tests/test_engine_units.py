@@ -415,7 +415,11 @@ def test_extra_network_gets_the_variants_optimiser_and_follows_deep_supervision(
 # ------------------------------------------------------------------------------------------ EMA baseline
 def test_ema_baseline_exports_the_ema_not_the_last_weights_and_resume_restores_it(trainer_factory, tmp_path):
     t = trainer_factory("nnUNetTrainerEMA_smoke", configuration="2d")
+    assert not os.path.exists(os.path.join(t.output_folder, "ssl_settings.json"))
     t.on_train_start()
+    # its EMA decay is recorded like the semi-supervised trainers' settings (the benchmark report reads the file)
+    with open(os.path.join(t.output_folder, "ssl_settings.json")) as f:
+        assert json.load(f) == {"trainer": "nnUNetTrainerEMA_smoke", "settings": {"ema_decay": 0.99}}
     for _ in range(3):
         t.train_step(next(t.dataloader_train))
     assert t.ema_steps == 3

@@ -21,7 +21,7 @@ from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.checkpoint_files import (EMA_STATE_KEY, read_checkpoint_for_resume,
                                                           save_checkpoint_atomically)
 from nnunet_foundation.training.networks import EMATeacher, load_state_dict_flexible, unwrap_network
-from nnunet_foundation.training.settings import SettingsError, resolve_settings
+from nnunet_foundation.training.settings import SettingsError, record_or_check_settings, resolve_settings
 
 
 class nnUNetTrainerEMA(nnUNetTrainer):
@@ -51,6 +51,12 @@ class nnUNetTrainerEMA(nnUNetTrainer):
         if not self._ema_restored:  # after -pretrained_weights, which nnU-Net loads after initialize()
             self.ema.copy_student()
         super().on_train_start()
+        # recorded like the semi-supervised trainers' (after a successful start, so a failed one keeps the folder's
+        # record): ema_decay is read from the same nnUNet_ssl_ema_decay as Mean Teacher's, so a shell set up for
+        # Mean Teacher changes the bounds too, and the benchmark report must be able to say so
+        if self.local_rank == 0:
+            record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__,
+                                     resuming=self._ema_restored)
         self.print_to_log_file(f"Exporting the EMA of the weights (ema_decay {self.ssl_settings['ema_decay']}) as "
                                f"network_weights")
 
