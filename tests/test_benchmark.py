@@ -387,6 +387,9 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
         row = next(line for line in report.split("## Runs\n", 1)[1].splitlines() if line.startswith(f"| {run_id} |"))
         assert f"| {busy:.1f} |" in row
     assert "*cores busy*" in report
+    # no nnUNet_ssl_* variable was set: every training recorded its settings, all at the class defaults
+    assert all(r["settings"]["changed"] == {} and r["settings"]["recorded"] for r in results["runs"])
+    assert "every training ran with its trainer's default settings" in report
     assert "unsup_loss" in runs[RUN_IDS[1]]["training"]["curves"]  # SSL terms of the Mean Teacher log
     table = {}
     for line in report.split("## Dice\n", 1)[1].split("\n## ", 1)[0].splitlines():
@@ -615,6 +618,15 @@ def test_a_co_training_row_scores_its_nnunet_and_its_sam(benchmark, tmp_path):
     assert predictions == sorted(f"{c}.nii.gz" for c in results["test_cases"])
     report = (benchmark["out"] / "report.md").read_text()
     assert "nnUNetTrainerSCSAM_smoke+sam (its co-trained SAM" in report
+    # the settings given through nnUNet_ssl_* are named where the row is (the run id shows none of them); the '+sam'
+    # row trains nothing and records none, the bounds and Mean Teacher trained with their defaults
+    assert unet["settings"]["recorded"]["prompt_token_channels"] == 8
+    assert set(unet["settings"]["changed"]) == {"generalists", "prompt_token_channels"}
+    assert sam_row["settings"] is None
+    assert all(r["settings"]["changed"] == {} for r in results["runs"] if r["run"]["role"] != "co-trained SAM"
+               and r["run"]["trainer"] != "nnUNetTrainerSCSAM_smoke")
+    assert "`nnUNetTrainerSCSAM_smoke`: generalists " in report and "prompt_token_channels 8 (default" in report
+    assert "| nnUNetTrainerSCSAM_smoke (non-default settings, above) |" in report
     assert f"{run_id}+sam" in report and "nnUNetTrainerSCSAM_smoke+sam" in results["gap_closed"]
     new = checkpoints(benchmark["results_dir"])
     assert {k: v for k, v in new.items() if k in before} == before and len(new) == len(before) + 1  # SC-SAM's only
@@ -649,3 +661,48 @@ def test_report_says_which_seeds_a_row_pools_when_they_differ_from_its_bounds():
     both_gap = next(line for line in gap_lines if line.startswith("| Both | Dice"))
     # seed 1: (0.40 - 0.35) / (0.50 - 0.35) = 1/3
     assert "0.333 (seed 1)" in late_gap and "seed" not in both_gap
+
+
+def test_report_names_the_settings_each_row_trained_with_and_flags_a_row_that_mixes_two(tmp_path):
+    """Settings set through nnUNet_ssl_* appear in no run id: the report reads each training's ssl_settings.json
+    (written by the trainer's own recording function) and names what differs from the class defaults."""
+    from nnunet_foundation.benchmark import report
+    from nnunet_foundation.methods.cps import nnUNetTrainerCPS
+    from nnunet_foundation.training.baselines import nnUNetTrainerEMA
+    from nnunet_foundation.training.settings import record_or_check_settings
+
+    def trained(trainer, role, n, seed, dice, settings):
+        result = _scored_run(trainer.__name__, role, n, seed, dice)
+        folder = tmp_path / result["run"]["run_id"]
+        if settings is not None:
+            record_or_check_settings(str(folder), settings, trainer.__name__, resuming=False)
+        result["training_folder"] = str(folder)
+        return result
+
+    cps_default = nnUNetTrainerCPS.default_settings
+    reweighted = {**cps_default, "unsup_weight": 1.5, "rampup_length": 0.0}
+    results = [trained(nnUNetTrainerEMA, LOWER, 4, 0, 0.45, nnUNetTrainerEMA.default_settings),
+               trained(nnUNetTrainerEMA, UPPER, None, 0, 0.55, None),  # records nothing (e.g. nnU-Net's trainer)
+               trained(nnUNetTrainerCPS, SSL, 4, 0, 0.50, reweighted)]
+    defaults = {"nnUNetTrainerEMA": nnUNetTrainerEMA.default_settings, "nnUNetTrainerCPS": cps_default}
+    for r in results:
+        r["settings"] = report.trained_settings(r, defaults)
+    assert results[0]["settings"]["changed"] == {} and results[1]["settings"] is None
+    assert results[2]["settings"]["changed"] == {
+        "rampup_length": {"value": 0.0, "default": cps_default["rampup_length"]},
+        "unsup_weight": {"value": 1.5, "default": cps_default["unsup_weight"]}}
+    data = {"aggregates": report.aggregate(results), "settings_changed": report.settings_by_trainer(results)}
+    lines = report._settings_lines(data)
+    assert len(lines) == 1 and "`nnUNetTrainerCPS`: rampup_length 0.0 (default 1.0), unsup_weight 1.5 (default " \
+        f"{cps_default['unsup_weight']})" in lines[0]
+    table = report._metric_table(data, "Dice", "std_over_cases", ["4", "all"], "all labeled")
+    assert any(line.startswith("| nnUNetTrainerCPS (non-default settings") for line in table)
+    assert not any("non-default" in line for line in table if line.startswith("| nnUNetTrainerEMA"))
+
+    # a second CPS run at the defaults pooled into the same row: the report says the row mixes two configurations
+    results.append(trained(nnUNetTrainerCPS, SSL, 4, 1, 0.40, cps_default))
+    results[-1]["settings"] = report.trained_settings(results[-1], defaults)
+    data["settings_changed"] = report.settings_by_trainer(results)
+    lines = report._settings_lines(data)
+    assert "labeled-4_seed-1_nnUNetTrainerCPS: the defaults" in lines[0]
+    assert "differ between the runs of one row** (`nnUNetTrainerCPS`)" in lines[1]

@@ -148,6 +148,61 @@ def by_test_domain(results: List[dict], test_domains: Dict[str, str], test_group
     return out
 
 
+def trained_settings(result: dict, defaults: Dict[str, dict]) -> Optional[dict]:
+    """The semi-supervised settings a training ran with (``ssl_settings.json`` in its folder, as the trainer wrote it)
+    and those of them that differ from its trainer class's defaults (``defaults``: class name -> default_settings).
+    Settings come from ``nnUNet_ssl_*`` variables or a config file, which no run id shows: without this a row of a
+    re-weighted CPS reads as CPS. None for rows that train nothing and trainings that record no settings (nnU-Net's
+    own trainers)."""
+    from nnunet_foundation.training.settings import SETTINGS_FILE, comparable_settings
+
+    run = result["run"]
+    record = Path(result.get("training_folder", "")) / SETTINGS_FILE
+    if run["role"] not in (LOWER, SSL, UPPER) or not record.is_file():
+        return None
+    recorded = json.loads(record.read_text()).get("settings", {})
+    default = comparable_settings(defaults.get(run["trainer"], {}))
+    comparable = comparable_settings(recorded)
+    changed = {name: {"value": value, "default": default.get(name)} for name, value in sorted(comparable.items())
+               if name not in default or json.dumps(value, sort_keys=True) != json.dumps(default[name], sort_keys=True)}
+    return {"recorded": recorded, "changed": changed}
+
+
+def settings_by_trainer(results: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """{trainer: {run_id: changed settings}} over the runs that record settings."""
+    out: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for r in results:
+        if r.get("settings") is not None:
+            out[r["run"]["trainer"]][r["run"]["run_id"]] = r["settings"]["changed"]
+    return dict(out)
+
+
+def _settings_lines(data: dict) -> List[str]:
+    """The report's account of non-default settings: one line per trainer whose runs changed any, and a warning
+    where the runs pooled into one row trained with different settings (the row would mix two configurations)."""
+    def describe(changed: dict) -> str:
+        return ", ".join(f"{name} {json.dumps(v['value'])} (default {json.dumps(v['default'])})"
+                         for name, v in changed.items()) or "the defaults"
+
+    per_trainer = data.get("settings_changed", {})
+    changed_rows = {t: runs for t, runs in per_trainer.items() if any(runs.values())}
+    if not per_trainer:
+        return []
+    if not changed_rows:
+        return ["- **Settings**: every training ran with its trainer's default settings (`ssl_settings.json`)."]
+    lines = ["- **Settings changed from the trainer's defaults** (`nnUNet_ssl_*` / `nnUNet_ssl_config`, as each "
+             "training's `ssl_settings.json` recorded them; other trainers ran with their defaults): "
+             + "; ".join(f"`{t}`: {describe(next(iter(runs.values())))}" if len({json.dumps(c, sort_keys=True)
+                                                                                 for c in runs.values()}) == 1
+                         else f"`{t}`: " + ", ".join(f"{run_id}: {describe(c)}" for run_id, c in sorted(runs.items()))
+                         for t, runs in sorted(changed_rows.items())) + "."]
+    mixed = [t for t, runs in per_trainer.items() if len({json.dumps(c, sort_keys=True) for c in runs.values()}) > 1]
+    if mixed:
+        lines.append("- **Settings differ between the runs of one row** (" + ", ".join(f"`{t}`" for t in mixed)
+                     + "): its cells pool two configurations; rerun those runs with one setting.")
+    return lines
+
+
 def build_results(bench, results: List[dict], missing: List, command: Optional[str], cost: Optional[dict]) -> dict:
     from nnunet_foundation.benchmark.machine import machine_info
 
@@ -157,6 +212,11 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
     test_groups = {c: domains.group[c] for c in bench.test_cases} if domains else {}
     # what each trainer's network_weights hold: the model nnUNetv2_predict scored
     exported = {s.trainer_class(t): exported_model(t) for t in (s.baseline_trainer, *s.trainers, *s.cached_trainers)}
+    from nnunet_foundation.training.settings import package_trainer_classes
+
+    defaults = {cls.__name__: cls.default_settings for cls in package_trainer_classes()}
+    for r in results:
+        r["settings"] = trained_settings(r, defaults)
     machines = []
     for r in results:
         if r.get("machine") and r["machine"] not in machines:
@@ -194,6 +254,7 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
         "canonical_command": s.command(str(bench.output)),
         "runs": results,
         "students": students(results, exported),
+        "settings_changed": settings_by_trainer(results),
         "missing_runs": [r.run_id for r in missing],
         "aggregates": aggregate(results),
         "gap_closed": gaps(results),
@@ -257,6 +318,8 @@ def _metric_table(data: dict, metric: str, std_key: str, columns: List[str], upp
             label = GENERALIST_LABEL
         elif any(e["role"] == COTRAINED_SAM for e in entries.values()):
             label = f"{trainer} ({COTRAINED_SAM_LABEL})"
+        if any(data.get("settings_changed", {}).get(trainer, {}).values()):
+            label += " (non-default settings, above)"
         cells = [fmt(entries[c]["foreground_mean"][metric], metric, std_key) + seeds_note(entries[c], c, bounds)
                  if c in entries else "" for c in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -288,6 +351,7 @@ def render_markdown(data: dict, plots: List[str]) -> str:
                f"bound).",
              "- **Exported model** (what `nnUNetv2_predict` scored): "
              + "; ".join(f"`{t}`: {m}" for t, m in data["trainers"].get("exported_model", {}).items()) + ".",
+             *_settings_lines(data),
              f"- **Seeds**: {', '.join(map(str, data['seeds']))} (one split per seed: validation cases and nested "
              f"labeled sets); {data['num_val']} validation cases per seed"
              + (f", labeled and validation cases from {', '.join(data['labeled_domains'])} only"
