@@ -17,6 +17,9 @@
 # 4. the UniMatch confidence-threshold sweep on the same fold and validation cases: confidence_threshold in
 #    $UNIMATCH_THRESHOLDS (default none; e.g. "0.8 0.7"). At 0.95 no foreground voxel was confident before t/T = 0.55
 #    (docs/benchmarks/hippocampus_cpu2d_ssl/README.md), so the term taught background only for half of training.
+# 5. CPS_TEST_WEIGHT=W (default none; e.g. 1.5, the weight the sweep chose) adds CPS to step 1's benchmark, scored on
+#    the test set with unsup_weight W held constant: a per-trainer section of an nnUNet_ssl_config file
+#    (OUTPUT/cps_test_settings.json), so no other trainer of the benchmark changes; the report names the setting.
 #
 # Needs nnUNet_raw / nnUNet_preprocessed / nnUNet_results exported and Dataset004_Hippocampus converted and planned
 # for 2d (benchmarks/hippocampus.sh does both). Finished runs are skipped, so the same command continues.
@@ -27,10 +30,18 @@ SEEDS=${SEEDS:-0}
 MT_WEIGHTS=${MT_WEIGHTS-5 1}
 UNIMATCH_THRESHOLDS=${UNIMATCH_THRESHOLDS-}
 CPS_WEIGHTS=${CPS_WEIGHTS-}
+CPS_TEST_WEIGHT=${CPS_TEST_WEIGHT-}
 NP=${NNUNET_NP:-2}
 : "${nnUNet_raw:?export nnUNet_raw}" "${nnUNet_preprocessed:?export nnUNet_preprocessed}" "${nnUNet_results:?export nnUNet_results}"
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
 
+if [ -n "$CPS_TEST_WEIGHT" ]; then
+    mkdir -p "$OUTPUT"
+    echo "{\"nnUNetTrainerCPS\": {\"unsup_weight\": $CPS_TEST_WEIGHT, \"rampup_length\": 0.0}}" \
+        > "$OUTPUT/cps_test_settings.json"
+    export nnUNet_ssl_config="$OUTPUT/cps_test_settings.json"
+    TRAINERS="$TRAINERS nnUNetTrainerCPS"
+fi
 # shellcheck disable=SC2206
 ARGS=(-d 4 -c 2d --labeled 2 4 --seeds $SEEDS --num-val 4 --test-cases 40 --test-seed 0 --trainers $TRAINERS
       --budget cpu2d --device cpu -np "$NP" --output "$OUTPUT/bench")
