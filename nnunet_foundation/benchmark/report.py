@@ -185,18 +185,23 @@ def _settings_lines(data: dict) -> List[str]:
                          for name, v in changed.items()) or "the defaults"
 
     per_trainer = data.get("settings_changed", {})
-    changed_rows = {t: runs for t, runs in per_trainer.items() if any(runs.values())}
     if not per_trainer:
         return []
+    # the distinct configurations among each row's runs: one = the row is one configuration
+    configurations = {t: {json.dumps(c, sort_keys=True) for c in runs.values()} for t, runs in per_trainer.items()}
+    changed_rows = {t: runs for t, runs in per_trainer.items() if any(runs.values())}
     if not changed_rows:
         return ["- **Settings**: every training ran with its trainer's default settings (`ssl_settings.json`)."]
+
+    def row(trainer: str, runs: dict) -> str:
+        if len(configurations[trainer]) == 1:
+            return f"`{trainer}`: {describe(next(iter(runs.values())))}"
+        return f"`{trainer}`: " + ", ".join(f"{run_id}: {describe(c)}" for run_id, c in sorted(runs.items()))
+
     lines = ["- **Settings changed from the trainer's defaults** (`nnUNet_ssl_*` / `nnUNet_ssl_config`, as each "
              "training's `ssl_settings.json` recorded them; other trainers ran with their defaults): "
-             + "; ".join(f"`{t}`: {describe(next(iter(runs.values())))}" if len({json.dumps(c, sort_keys=True)
-                                                                                 for c in runs.values()}) == 1
-                         else f"`{t}`: " + ", ".join(f"{run_id}: {describe(c)}" for run_id, c in sorted(runs.items()))
-                         for t, runs in sorted(changed_rows.items())) + "."]
-    mixed = [t for t, runs in per_trainer.items() if len({json.dumps(c, sort_keys=True) for c in runs.values()}) > 1]
+             + "; ".join(row(t, runs) for t, runs in sorted(changed_rows.items())) + "."]
+    mixed = [t for t in per_trainer if len(configurations[t]) > 1]
     if mixed:
         lines.append("- **Settings differ between the runs of one row** (" + ", ".join(f"`{t}`" for t in mixed)
                      + "): its cells pool two configurations; rerun those runs with one setting.")
@@ -205,6 +210,7 @@ def _settings_lines(data: dict) -> List[str]:
 
 def build_results(bench, results: List[dict], missing: List, command: Optional[str], cost: Optional[dict]) -> dict:
     from nnunet_foundation.benchmark.machine import machine_info
+    from nnunet_foundation.training.settings import package_trainer_classes
 
     s = bench.settings
     domains = getattr(bench, "case_domains", None)
@@ -212,13 +218,10 @@ def build_results(bench, results: List[dict], missing: List, command: Optional[s
     test_groups = {c: domains.group[c] for c in bench.test_cases} if domains else {}
     # what each trainer's network_weights hold: the model nnUNetv2_predict scored
     exported = {s.trainer_class(t): exported_model(t) for t in (s.baseline_trainer, *s.trainers, *s.cached_trainers)}
-    from nnunet_foundation.training.settings import package_trainer_classes
-
     defaults = {cls.__name__: cls.default_settings for cls in package_trainer_classes()}
-    for r in results:
-        r["settings"] = trained_settings(r, defaults)
     machines = []
     for r in results:
+        r["settings"] = trained_settings(r, defaults)
         if r.get("machine") and r["machine"] not in machines:
             machines.append(r["machine"])
     return {
