@@ -36,6 +36,11 @@ NP=${NNUNET_NP:-2}
 export nnUNet_extTrainer=${nnUNet_extTrainer:-$(nnunet-foundation trainer-path)}
 
 if [ -n "$CPS_TEST_WEIGHT" ]; then
+    if [ -n "${nnUNet_ssl_config:-}" ]; then  # replacing it would drop the user's settings without a word
+        echo "error: CPS_TEST_WEIGHT writes its own nnUNet_ssl_config; unset nnUNet_ssl_config=$nnUNet_ssl_config" \
+             "or add {\"nnUNetTrainerCPS\": {\"unsup_weight\": W, \"rampup_length\": 0.0}} to that file instead." >&2
+        exit 2
+    fi
     mkdir -p "$OUTPUT"
     echo "{\"nnUNetTrainerCPS\": {\"unsup_weight\": $CPS_TEST_WEIGHT, \"rampup_length\": 0.0}}" \
         > "$OUTPUT/cps_test_settings.json"
