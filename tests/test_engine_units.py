@@ -112,6 +112,20 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
     assert json.loads((tmp_path / "ssl_settings.json").read_text())["settings"] == {"a": 1}  # record untouched
 
 
+def test_resume_of_a_run_recorded_before_a_setting_existed(tmp_path):
+    """A setting added to a trainer later (its default keeping the old behaviour) counts as that default for a record
+    that lacks it: --c of the old run goes on; a non-default value is still a change."""
+    record_or_check_settings(str(tmp_path), {"a": 1}, "T", resuming=False)
+    defaults = {"a": 1, "threshold_mode": "fixed"}
+    record_or_check_settings(str(tmp_path), {"a": 1, "threshold_mode": "fixed"}, "T", resuming=True,
+                             defaults=defaults)
+    with pytest.raises(SettingsError, match="threshold_mode: recorded 'fixed', now 'self_adaptive'"):
+        record_or_check_settings(str(tmp_path), {"a": 1, "threshold_mode": "self_adaptive"}, "T", resuming=True,
+                                 defaults=defaults)
+    with pytest.raises(SettingsError, match="threshold_mode: recorded '<missing>'"):  # without defaults: a change
+        record_or_check_settings(str(tmp_path), {"a": 1, "threshold_mode": "fixed"}, "T", resuming=True)
+
+
 # ------------------------------------------------------------------------------------ wrappers: DDP, compile
 @pytest.fixture
 def gloo_group():

@@ -359,7 +359,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if not self._ssl_state_restored:
             self.sync_ssl_modules_with_network()
         if self.local_rank == 0 and self.resuming:  # --c: refuse changed settings before any work is done
-            record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__, resuming=True)
+            record_or_check_settings(self.output_folder, self.ssl_settings, type(self).__name__, resuming=True,
+                                     defaults=self.default_settings)
         super().on_train_start()
         # a new run records its settings only once it has really started (data found, loaders running): a start
         # that fails must not overwrite the record of the run whose checkpoints are in this folder
@@ -553,7 +554,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f"{source} was not written by a semi-supervised trainer of nnunet-foundation (no 'ssl_state'), so "
                 f"{type(self).__name__} cannot resume from it. To start from its weights use "
                 f"'nnUNetv2_train ... -pretrained_weights {source}' instead of --c.")
-        old, new = comparable_settings(ssl_state.get("settings", {})), comparable_settings(self.ssl_settings)
+        old = comparable_settings(ssl_state.get("settings", {}), self.default_settings)
+        new = comparable_settings(self.ssl_settings)
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise SettingsError(f"Refusing to resume from {source}: semi-supervised settings changed "

@@ -77,6 +77,8 @@ SETTING_RULES: Dict[str, tuple] = {
     "rampup_length": ("range", 0.0, 1.0, "a fraction of training"),
     "ema_decay": ("below", 0.0, 1.0, "1.0 would freeze the teacher"),
     "confidence_threshold": ("range", 0.0, 1.0, "a probability"),
+    "threshold_mode": ("choice", ("fixed", "self_adaptive")),
+    "threshold_ema_decay": ("below", 0.0, 1.0, "1.0 would freeze the thresholds at 1/K"),
     "sam_weight": ("range", 0.0, None, "the weight of the generalist term"),
     "sam_decay": ("range", 0.0, None, "the decay of the generalist weight"),
     "sam_clicks": ("range", 1, None, "clicks per class and slice"),
@@ -239,11 +241,13 @@ def _is_trainer_name(name: str) -> bool:
                                        "nnunetv2.training.nnUNetTrainer") is not None
 
 
-def comparable_settings(settings: Mapping[str, Any]) -> dict:
+def comparable_settings(settings: Mapping[str, Any], defaults: Optional[Mapping[str, Any]] = None) -> dict:
     """Settings as a resumed run must match them: a generalist's checkpoint counts by its content (SHA-256), not its
     path, so a run can continue on a node where the same file lives elsewhere (the README suggests copying
-    checkpoints to offline nodes); a different file with the same name is still a change."""
-    out = dict(settings)
+    checkpoints to offline nodes); a different file with the same name is still a change. With ``defaults``, a
+    setting missing from a record counts as its default: a setting added to a trainer after a run started (with
+    the old behaviour as its default) does not block that run's ``--c``."""
+    out = {**(defaults or {}), **settings}
     if out.get("generalists") in (None, "", []):
         return out
     from nnunet_foundation.foundation.config import GeneralistConfigError, generalists_by_content
@@ -255,14 +259,16 @@ def comparable_settings(settings: Mapping[str, Any]) -> dict:
     return out
 
 
-def record_or_check_settings(output_folder: str, settings: dict, trainer_name: str, resuming: bool) -> None:
-    """Write the settings of a new run; on resume, refuse settings that differ from the recorded ones."""
+def record_or_check_settings(output_folder: str, settings: dict, trainer_name: str, resuming: bool,
+                             defaults: Optional[Mapping[str, Any]] = None) -> None:
+    """Write the settings of a new run; on resume, refuse settings that differ from the recorded ones (a setting the
+    record lacks counts as its entry in ``defaults``, see :func:`comparable_settings`)."""
     path = os.path.join(output_folder, SETTINGS_FILE)
     record = {"trainer": trainer_name, "settings": settings}
     if resuming and os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
-        old, settings = comparable_settings(previous.get("settings", {})), comparable_settings(settings)
+        old, settings = comparable_settings(previous.get("settings", {}), defaults), comparable_settings(settings)
         changed = {k: (old.get(k, "<missing>"), settings.get(k, "<missing>"))
                    for k in sorted(set(old) | set(settings)) if old.get(k, "<missing>") != settings.get(k, "<missing>")}
         if changed:
