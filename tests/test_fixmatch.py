@@ -19,7 +19,7 @@ def test_unsupervised_term_is_positive_and_reaches_the_student(trainer_factory):
     t = trainer_factory(FIXMATCH, configuration="2d")
     t.on_train_start()
     # an untrained network is rarely 95% sure: accept every voxel so the term is not empty
-    t.ssl_settings["confidence_threshold"] = 0.0
+    t.confidence_rule.value = 0.0
     batch = next(t.dataloader_train)
     labeled = {"data": batch["data"], "target": batch["target"]}
     weak = next(t.dataloader_unlabeled)["data"]
@@ -44,7 +44,7 @@ def test_unsupervised_term_is_positive_and_reaches_the_student(trainer_factory):
     assert any(not torch.allclose(a, b) for a, b in zip(g0, g1)), "the pseudo-label term does not reach the student"
 
     # at the default threshold, voxels below 95% confidence carry no loss: with none confident the term is 0
-    t.ssl_settings["confidence_threshold"] = 1.0
+    t.confidence_rule.value = 1.0
     _, logs = grads_with_weight(10.0)
     assert logs["unsup_loss"] == 0 and float(logs["confident_fraction"]) == 0.0
     t.dataloader_unlabeled = None

@@ -17,7 +17,8 @@ def test_each_unimatch_term_is_positive_and_reaches_the_student(trainer_factory)
     t = trainer_factory(UNIMATCH, configuration="2d")
     t.on_train_start()
     # an untrained network is rarely 95% sure: accept every voxel so no term is empty; always CutMix
-    t.ssl_settings.update(confidence_threshold=0.0, cutmix_probability=1.0)
+    t.confidence_rule.value = 0.0
+    t.ssl_settings.update(cutmix_probability=1.0)
     batch = next(t.dataloader_train)
     labeled = {"data": batch["data"], "target": batch["target"]}
     weak = next(t.dataloader_unlabeled)["data"]

@@ -32,16 +32,17 @@ import torch
 from nnunet_foundation.training.budgets import make_budget_variants
 from nnunet_foundation.training.losses import ce_dice, over_scales
 from nnunet_foundation.training.semi_supervised import LossParts, nnUNetTrainerSemiSupervised
+from nnunet_foundation.training.thresholds import THRESHOLD_LOG_KEYS, THRESHOLD_SETTINGS, ThresholdedPseudoLabels
 from nnunet_foundation.training.views import paste_boxes, random_boxes
 
 
-class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
+class nnUNetTrainerUniMatch(ThresholdedPseudoLabels, nnUNetTrainerSemiSupervised):
     num_strong_views = 2
     default_settings = {
         **nnUNetTrainerSemiSupervised.default_settings,
         "unsup_weight": 1.0,
         "rampup_shape": "none",
-        "confidence_threshold": 0.95,
+        **THRESHOLD_SETTINGS,
         # channel dropout on the encoder's features for the feature-perturbation stream (UniMatch: Dropout2d(0.5))
         "feature_dropout": 0.5,
         # weights inside L_u: each image-level strong view, and the feature stream (UniMatch: 0.25, 0.25, 0.5)
@@ -52,7 +53,8 @@ class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
         "cutmix_min_area": 0.02,
         "cutmix_max_area": 0.4,
     }
-    ssl_log_keys = ("unsup_loss", "unsup_weight", "strong_view_loss", "feature_stream_loss", "confident_fraction")
+    ssl_log_keys = ("unsup_loss", "unsup_weight", "strong_view_loss", "feature_stream_loss", "confident_fraction",
+                     *THRESHOLD_LOG_KEYS)
 
     def cutmix_boxes(self, x: torch.Tensor) -> torch.Tensor:
         """One box per image, kept with probability ``cutmix_probability`` (an empty box leaves the view as it is)."""
@@ -67,8 +69,7 @@ class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
         strong views here) and the confidence mask of the weak view's pseudo-label."""
         s = self.ssl_settings
         with torch.no_grad():
-            confidence, label = torch.softmax(out_weak[0].detach().float(), 1).max(1)
-            confident = confidence > s["confidence_threshold"]
+            label, confident = self.confident_pseudo_label(torch.softmax(out_weak[0].detach().float(), 1))
             # CutMix partner: the next crop of the batch; its strong view, pseudo-label and confidence fill the box
             partner = torch.roll(torch.arange(label.shape[0], device=label.device), -1)
             mixed, labels, masks = [], [], []
@@ -96,6 +97,6 @@ class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
         return LossParts(self.supervised_loss(out_l, labeled["target"]), weight * unsupervised, {
             "unsup_loss": unsupervised.detach(), "unsup_weight": weight,
             "strong_view_loss": (sum(strong) / len(strong)).detach(), "feature_stream_loss": terms["feature"].detach(),
-            "confident_fraction": confident.float().mean()})
+            "confident_fraction": confident.float().mean(), **self.threshold_logs()})
 
 __all__ = ["nnUNetTrainerUniMatch", *make_budget_variants(nnUNetTrainerUniMatch, globals())]
