@@ -46,6 +46,13 @@ def test_self_adaptive_threshold_follows_freematch_by_hand():
     restored.load_state_dict(rule.state_dict())
     assert torch.equal(restored.class_thresholds(), rule.class_thresholds())
 
+    # the global variant: every class at tau, so the 0.5-sure foreground voxel does not count either
+    global_rule = SelfAdaptiveThreshold(num_classes=3, ema_decay=0.9, class_wise=False)
+    global_rule.load_state_dict(rule.state_dict())
+    assert torch.allclose(global_rule.class_thresholds(), rule.class_thresholds()[:1].expand(3))
+    _, mask = global_rule.pseudo_label(probabilities([[0.5, 0.3, 0.2], [0.3, 0.5, 0.2]]))
+    assert mask.tolist() == [[False, False]]
+
 
 def test_fixed_threshold_is_fixmatchs_rule_and_has_no_state():
     rule = FixedThreshold(0.95, num_classes=3)
@@ -94,5 +101,6 @@ def test_self_adaptive_unimatch_learns_where_the_fixed_threshold_lets_little_thr
 
 def test_an_unknown_threshold_mode_is_refused_before_training(trainer_factory, monkeypatch):
     monkeypatch.setenv("nnUNet_ssl_threshold_mode", "adaptive")
-    with pytest.raises(SettingsError, match="threshold_mode.*must be one of \\['fixed', 'self_adaptive'\\]"):
+    with pytest.raises(SettingsError, match="threshold_mode.*must be one of \\['fixed', "
+                       "'self_adaptive', 'self_adaptive_global'\\]"):
         trainer_factory(UNIMATCH, configuration="2d")

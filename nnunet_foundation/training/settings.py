@@ -77,7 +77,7 @@ SETTING_RULES: Dict[str, tuple] = {
     "rampup_length": ("range", 0.0, 1.0, "a fraction of training"),
     "ema_decay": ("below", 0.0, 1.0, "1.0 would freeze the teacher"),
     "confidence_threshold": ("range", 0.0, 1.0, "a probability"),
-    "threshold_mode": ("choice", ("fixed", "self_adaptive")),
+    "threshold_mode": ("choice", ("fixed", "self_adaptive", "self_adaptive_global")),
     "threshold_ema_decay": ("below", 0.0, 1.0, "1.0 would freeze the thresholds at 1/K"),
     "sam_weight": ("range", 0.0, None, "the weight of the generalist term"),
     "sam_decay": ("range", 0.0, None, "the decay of the generalist weight"),
