@@ -429,6 +429,20 @@ def test_reports_exist_and_agree_with_the_per_case_evaluation(benchmark):
     row = next(row for row in results["students"] if row["trainer"] == "nnUNetTrainerMeanTeacher_smoke")
     assert f"| nnUNetTrainerMeanTeacher_smoke | 2 | EMA teacher | {row['exported_dice']:.3f} | " \
            f"{row['student_dice']:.3f} |" in section
+    # predicted / reference volume: per class, the median over the test cases that have the structure
+    section = report.split("## Predicted / reference volume per class", 1)[1].split("\n## ", 1)[0]
+    for trainer, columns in ((BASELINE, ["2", "all"]), ("nnUNetTrainerMeanTeacher_smoke", ["2"])):
+        for column in columns:
+            cases = runs[f"labeled-{column}_seed-0_{trainer}"]["evaluation"]["per_case"]
+            per_class = results["aggregates"][trainer][column]["per_class"]
+            cells = []
+            for key in ("1", "2"):
+                ratios = [c["metrics"][key]["n_pred"] / c["metrics"][key]["n_ref"] for c in cases
+                          if c["metrics"][key]["n_ref"]]
+                assert per_class[key]["volume_ratio"] == {"median": pytest.approx(float(np.median(ratios))),
+                                                          "n_cases": len(ratios)}
+                cells.append(f"{np.median(ratios):.2f}")
+            assert f"| {trainer} | {column} | {' | '.join(cells)} |" in section
     # gap closed = (ssl - lower) / (upper - lower) on the runs' means
     mean = {k: v["evaluation"]["foreground_mean"]["Dice"]["mean"] for k, v in runs.items()}
     for n in ("2",):
@@ -640,6 +654,15 @@ def _scored_run(trainer, role, n, seed, dice):
             "evaluation": {"classes": {"1": "fg"},
                            "per_case": [{"case": "c0", "foreground_mean": metrics, "metrics": {"1": metrics}}],
                            "foreground_mean": {m: {"mean": v} for m, v in metrics.items()}}}
+
+
+def test_volume_ratio_is_the_median_over_cases_that_have_the_structure():
+    from nnunet_foundation.benchmark.report import volume_ratio
+
+    cases = [{"n_ref": 100, "n_pred": 140}, {"n_ref": 50, "n_pred": 40}, {"n_ref": 10, "n_pred": 30},
+             {"n_ref": 0, "n_pred": 7}]  # no structure: no ratio (Dice and HD95 score that case)
+    assert volume_ratio(cases) == {"median": pytest.approx(1.4), "n_cases": 3}
+    assert volume_ratio([{"n_ref": 0, "n_pred": 0}])["n_cases"] == 0
 
 
 def test_report_says_which_seeds_a_row_pools_when_they_differ_from_its_bounds():

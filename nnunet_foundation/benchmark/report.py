@@ -65,8 +65,18 @@ def aggregate(results: List[dict]) -> dict:
             for m in METRICS:
                 stats = mean_std(c["metrics"][key][m] for r in runs for c in r["evaluation"]["per_case"])
                 entry["per_class"][key][m] = {"mean": stats["mean"], "std_over_cases": stats["std"]}
+            entry["per_class"][key]["volume_ratio"] = volume_ratio(
+                c["metrics"][key] for r in runs for c in r["evaluation"]["per_case"])
         out[trainer][column] = entry
     return dict(out)
+
+
+def volume_ratio(case_metrics) -> dict:
+    """Median over cases of predicted / reference voxels of one class, over the cases that have the structure: 1 is
+    the right size, above 1 over-segments. Dice hides the direction of an error; a method that learns from its own
+    pseudo-labels drifts in volume first (a confidence rule that admits more of one class than of another)."""
+    ratios = [m["n_pred"] / m["n_ref"] for m in case_metrics if m.get("n_ref")]
+    return {"median": float(np.median(ratios)) if ratios else math.nan, "n_cases": len(ratios)}
 
 
 def gaps(results: List[dict]) -> dict:
@@ -417,6 +427,20 @@ def render_markdown(data: dict, plots: List[str]) -> str:
             lines.append(f"| {trainer} | {column} | " + " | ".join(
                 fmt(entry["per_class"][k]["Dice"], "Dice") for k in classes) + " |")
     lines += [""]
+
+    if any(v.get("volume_ratio", {}).get("n_cases") for column in aggregates.values() for entry in column.values()
+           for v in entry["per_class"].values()):
+        lines += ["## Predicted / reference volume per class (median over test cases)", "",
+                  "Predicted voxels / reference voxels per test case that has the structure: 1 = the right size, "
+                  "above 1 = over-segmented, below 1 = under-segmented (Dice does not say which).", "",
+                  "| trainer | labeled | " + " | ".join(f"{v['name']}" for v in classes.values()) + " |",
+                  "|---|---" + "|---" * len(classes) + "|"]
+        for trainer in _rows_in_order(aggregates):
+            for column in sorted(aggregates[trainer], key=_column_sort_key):
+                per_class = aggregates[trainer][column]["per_class"]
+                lines.append(f"| {trainer} | {column} | " + " | ".join(
+                    f"{per_class[k]['volume_ratio']['median']:.2f}" for k in classes) + " |")
+        lines += [""]
 
     lines += ["## Training time", "",
               "Seconds per epoch from nnU-Net's own epoch timestamps (includes data loading and validation; "
