@@ -17,6 +17,11 @@
 # 4. the UniMatch confidence-threshold sweep on the same fold and validation cases: confidence_threshold in
 #    $UNIMATCH_THRESHOLDS (default none; e.g. "0.8 0.7"). At 0.95 no foreground voxel was confident before t/T = 0.55
 #    (docs/benchmarks/hippocampus_cpu2d_ssl/README.md), so the term taught background only for half of training.
+#    $UNIMATCH_THRESHOLD_MODES (default none; e.g. "fixed self_adaptive_global") does the same for threshold_mode
+#    (training/thresholds.py: FreeMatch's self-adaptive thresholds), the fixed rule at its default 0.95.
+#    SWEEP_REPEATS=N (default 1) trains every sweep setting N times (run k > 1 in LABEL_rep<k>) and prints each run's
+#    validation Dice and their mean: one run's spread on 4 validation cases (0.074 for CPS) exceeds the gains the
+#    sweeps look for, so a setting is only chosen from repeated runs.
 # 5. CPS_TEST_WEIGHT=W (default none; e.g. 1.5, the weight the sweep chose) adds CPS to step 1's benchmark, scored on
 #    the test set with unsup_weight W held constant: a per-trainer section of an nnUNet_ssl_config file
 #    (OUTPUT/cps_test_settings.json), so no other trainer of the benchmark changes; the report names the setting.
@@ -29,6 +34,8 @@ TRAINERS=${TRAINERS:-nnUNetTrainerUniMatch}
 SEEDS=${SEEDS:-0}
 MT_WEIGHTS=${MT_WEIGHTS-5 1}
 UNIMATCH_THRESHOLDS=${UNIMATCH_THRESHOLDS-}
+UNIMATCH_THRESHOLD_MODES=${UNIMATCH_THRESHOLD_MODES-}
+SWEEP_REPEATS=${SWEEP_REPEATS:-1}
 CPS_WEIGHTS=${CPS_WEIGHTS-}
 CPS_TEST_WEIGHT=${CPS_TEST_WEIGHT-}
 NP=${NNUNET_NP:-2}
@@ -53,22 +60,30 @@ ARGS=(-d 4 -c 2d --labeled 2 4 --seeds $SEEDS --num-val 4 --test-cases 40 --test
 echo "== benchmark (report: $OUTPUT/bench/report.md)"
 nnunet-foundation benchmark "${ARGS[@]}"
 
-# LABEL and an nnU-Net validation summary.json: prints its foreground Dice
+# LABEL and nnU-Net validation summary.json files (one per run): prints each run's foreground Dice, and their mean
 print_validation_dice() {
-    python -c "import json,sys; print('validation Dice (fold 0, 4 cases), ' + sys.argv[1] + ':',
-round(json.load(open(sys.argv[2]))['foreground_mean']['Dice'], 4))" "$1" "$2"
+    python -c "import json,sys
+dice = [json.load(open(f))['foreground_mean']['Dice'] for f in sys.argv[2:]]
+runs = ', '.join(str(round(d, 4)) for d in dice)
+print('validation Dice (fold 0, 4 cases), ' + sys.argv[1] + ':', runs if len(dice) == 1 else
+      f'mean {sum(dice) / len(dice):.4f} over {len(dice)} runs ({runs})')" "$@"
 }
-# one validation run of fold 0: LABEL, TRAINER, then the nnUNet_ssl_* settings that define it
+# SWEEP_REPEATS validation runs of fold 0: LABEL, TRAINER, then the nnUNet_ssl_* settings that define it
 sweep_run() {
     local label=$1 trainer=$2; shift 2
-    local folder="$OUTPUT/sweep/$label"
-    local summary="$folder/Dataset004_Hippocampus/${trainer}__nnUNetPlans__2d/fold_0/validation/summary.json"
-    if [ ! -f "$summary" ]; then
-        echo "== $label: $trainer with $*, fold 0 (log: $folder.log)"
-        mkdir -p "$folder"
-        env nnUNet_results="$folder" "$@" nnUNetv2_train 4 2d 0 -tr "$trainer" -device cpu > "$folder.log" 2>&1
-    fi
-    print_validation_dice "$label" "$summary"
+    local summaries=() repeat
+    for repeat in $(seq 1 "$SWEEP_REPEATS"); do
+        local folder="$OUTPUT/sweep/$label"
+        [ "$repeat" -gt 1 ] && folder="${folder}_rep$repeat"
+        local summary="$folder/Dataset004_Hippocampus/${trainer}__nnUNetPlans__2d/fold_0/validation/summary.json"
+        if [ ! -f "$summary" ]; then
+            echo "== $label (run $repeat of $SWEEP_REPEATS): $trainer with $*, fold 0 (log: $folder.log)"
+            mkdir -p "$folder"
+            env nnUNet_results="$folder" "$@" nnUNetv2_train 4 2d 0 -tr "$trainer" -device cpu > "$folder.log" 2>&1
+        fi
+        summaries+=("$summary")
+    done
+    print_validation_dice "$label" "${summaries[@]}"
 }
 # the Dice to beat: the benchmark's labeled-only run of fold 0 (2 labeled cases), on the same validation cases
 baseline="$nnUNet_results/Dataset004_Hippocampus/nnUNetTrainerEMA_cpu2d__nnUNetPlans__2d/fold_0/validation/summary.json"
@@ -82,4 +97,7 @@ for weight in $CPS_WEIGHTS; do
 done
 for threshold in $UNIMATCH_THRESHOLDS; do
     sweep_run "unimatch_t${threshold}" nnUNetTrainerUniMatch_cpu2d nnUNet_ssl_confidence_threshold="$threshold"
+done
+for mode in $UNIMATCH_THRESHOLD_MODES; do
+    sweep_run "unimatch_${mode}" nnUNetTrainerUniMatch_cpu2d nnUNet_ssl_threshold_mode="$mode"
 done
