@@ -17,15 +17,16 @@ Thresholding for Semi-supervised Learning"), with voxels in place of images:
 ``self_adaptive_global`` is the global threshold tau alone for every class (FreeMatch's ablation without the
 class-wise levels). Both EMAs use ``threshold_ema_decay`` (FreeMatch: 0.999 per iteration).
 
-In segmentation the class levels follow the class frequencies, so a small foreground gets a threshold far below the background's (Hippocampus: foreground about
-2% of the voxels of a patch, so about 0.02 tau): in effect every voxel the model predicts as foreground counts, and
-background counts where it is about as confident as the model is on average. That is FreeMatch's rule carried over
-unchanged, not tuned here. Measured on Hippocampus (2 labeled cases): the admission is lopsided - a background voxel
-must be as sure as the model is on average, a foreground voxel nothing - so each step's pseudo-label keeps the
-model's uncertain foreground and drops its uncertain background, and UniMatch grew its predictions to 1.4x the true
-volume. ``self_adaptive_global`` treats the classes alike; on the same cell it kept the volume right and gave the
-best test Dice of the three rules (one run each; at 4 labeled cases level with the fixed rule). ``fixed`` stays the default until repeated runs
-decide on validation data (docs/benchmarks/hippocampus_cpu2d_ssl says what each rule measured).
+In segmentation the class levels follow the class frequencies, so a small foreground gets a threshold far below the
+background's (Hippocampus: foreground about 2% of the voxels of a patch, so about 0.02 tau): in effect every voxel
+the model predicts as foreground counts, and background counts where it is about as confident as the model is on
+average. That is FreeMatch's rule carried over unchanged, not tuned here. Measured on Hippocampus (2 labeled cases):
+the admission is lopsided - a background voxel must be as sure as the model is on average, a foreground voxel
+nothing - so each step's pseudo-label keeps the model's uncertain foreground and drops its uncertain background, and
+UniMatch grew its predictions to 1.4x the true volume. ``self_adaptive_global`` treats the classes alike; on the
+same cell it kept the volume right and gave the best test Dice of the three rules (one run each; at 4 labeled cases
+level with the fixed rule). ``fixed`` stays the default until repeated runs decide on validation data
+(docs/benchmarks/hippocampus_cpu2d_ssl says what each rule measured).
 
 Every process of a DDP run updates the EMAs with the mean over all processes' batches (one all-reduce of K + 1
 numbers), so the thresholds stay identical across GPUs, as FreeMatch's all-gather does; the state is checkpointed
@@ -153,4 +154,5 @@ class ThresholdedPseudoLabels:
 
 THRESHOLD_LOG_KEYS = ("threshold_foreground", "threshold_background")
 
-__all__ = ["THRESHOLD_MODES", "THRESHOLD_SETTINGS", "THRESHOLD_LOG_KEYS", "ThresholdedPseudoLabels", "FixedThreshold", "SelfAdaptiveThreshold", "build_confidence_threshold"]
+__all__ = ["THRESHOLD_MODES", "THRESHOLD_SETTINGS", "THRESHOLD_LOG_KEYS", "ThresholdedPseudoLabels", "FixedThreshold",
+           "SelfAdaptiveThreshold", "build_confidence_threshold"]
