@@ -8,7 +8,8 @@ import torch
 
 from conftest import preprocess_unlabeled_cli
 from nnunet_foundation.training.settings import SettingsError
-from nnunet_foundation.training.thresholds import FixedThreshold, SelfAdaptiveThreshold
+from nnunet_foundation.training.thresholds import (THRESHOLD_SETTINGS, FixedThreshold, SelfAdaptiveThreshold,
+                                                   build_confidence_threshold)
 from nnunet_foundation.training.views import strong_views
 
 UNIMATCH = "nnUNetTrainerUniMatch_smoke"
@@ -52,6 +53,19 @@ def test_self_adaptive_threshold_follows_freematch_by_hand():
     assert torch.allclose(global_rule.class_thresholds(), rule.class_thresholds()[:1].expand(3))
     _, mask = global_rule.pseudo_label(probabilities([[0.5, 0.3, 0.2], [0.3, 0.5, 0.2]]))
     assert mask.tolist() == [[False, False]]
+
+
+def test_each_threshold_mode_builds_its_rule():
+    def build(**changed):
+        return build_confidence_threshold({**THRESHOLD_SETTINGS, **changed}, num_classes=3)
+
+    fixed = build(confidence_threshold=0.9)
+    assert type(fixed) is FixedThreshold and fixed.value == 0.9
+    class_wise, global_only = build(threshold_mode="self_adaptive"), build(threshold_mode="self_adaptive_global",
+                                                                          threshold_ema_decay=0.99)
+    assert isinstance(class_wise, SelfAdaptiveThreshold) and class_wise.class_wise and class_wise.ema_decay == 0.999
+    assert isinstance(global_only, SelfAdaptiveThreshold) and not global_only.class_wise
+    assert global_only.ema_decay == 0.99
 
 
 def test_fixed_threshold_is_fixmatchs_rule_and_has_no_state():

@@ -3,9 +3,10 @@ dual-stream perturbation (Yang et al., CVPR 2023): the worked example of docs/ad
 
 Per iteration: nnU-Net's loss on the labeled patches; the student predicts the weak unlabeled view (nnU-Net's
 geometric transforms only) without gradient, and where its softmax exceeds ``confidence_threshold`` (0.95) the argmax
-becomes a hard pseudo-label (``threshold_mode`` self_adaptive: FreeMatch's thresholds instead, training/thresholds.py); the student on each of the two strong views of that crop (training/views.py) learns it
-with cross-entropy + Dice counted only at the confident voxels, at every deep-supervision scale (pseudo-label and
-mask downsampled) with nnU-Net's scale weights. The term is weighted by ``unsup_weight`` = 1 without ramp-up
+becomes a hard pseudo-label (``threshold_mode``: FreeMatch's self-adaptive thresholds instead, training/thresholds.py);
+the student on each of the two strong views of that crop (training/views.py) learns it with cross-entropy + Dice
+counted only at the confident voxels, at every deep-supervision scale (pseudo-label and mask downsampled) with
+nnU-Net's scale weights. The term is weighted by ``unsup_weight`` = 1 without ramp-up
 (FixMatch's lambda_u: the confidence threshold already keeps early, unsure pseudo-labels out).
 
 Inference uses the student, which ``network_weights`` holds for stock ``nnUNetv2_predict``.

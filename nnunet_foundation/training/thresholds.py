@@ -39,13 +39,14 @@ from typing import Tuple
 import torch
 from torch import distributed as dist
 
-THRESHOLD_MODES = ("fixed", "self_adaptive", "self_adaptive_global")
 #: the settings of a trainer that thresholds hard pseudo-labels (:class:`ThresholdedPseudoLabels`)
 THRESHOLD_SETTINGS = {
     "confidence_threshold": 0.95,  # FixMatch / UniMatch, used by threshold_mode "fixed"
     "threshold_mode": "fixed",
-    "threshold_ema_decay": 0.999,  # FreeMatch's EMA momentum, used by threshold_mode "self_adaptive"
+    "threshold_ema_decay": 0.999,  # FreeMatch's EMA momentum, used by the self_adaptive modes
 }
+#: the per-epoch log keys of that trainer's thresholds (mean over the foreground classes, and background)
+THRESHOLD_LOG_KEYS = ("threshold_foreground", "threshold_background")
 
 
 class FixedThreshold:
@@ -152,7 +153,5 @@ class ThresholdedPseudoLabels:
             self.confidence_rule.load_state_dict(state["confidence_rule"])
 
 
-THRESHOLD_LOG_KEYS = ("threshold_foreground", "threshold_background")
-
-__all__ = ["THRESHOLD_MODES", "THRESHOLD_SETTINGS", "THRESHOLD_LOG_KEYS", "ThresholdedPseudoLabels", "FixedThreshold",
+__all__ = ["THRESHOLD_SETTINGS", "THRESHOLD_LOG_KEYS", "ThresholdedPseudoLabels", "FixedThreshold",
            "SelfAdaptiveThreshold", "build_confidence_threshold"]
